@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make run` (the service) and `make test` (the suite).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: run test lint unit install broker bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+broker:
+	scripts/ensure-rabbitmq.sh
+
+## run: install, make sure RabbitMQ answers, run the API on PORT (default 8080)
+run: install broker
+	$(BIN)/async-data-processor server
+
+## test: install, make sure RabbitMQ answers, lint and type-check, run every test
+test: install broker lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check services tests bench
+	$(BIN)/ruff format --check services tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+## unit: the tests that need no broker
+unit: install
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+## bench: the API load benchmark (not part of `make test`); needs wrk
+bench: install broker
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python -m bench.api_load $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""async-data-processor: an HTTP ingestion API and a background processor over RabbitMQ."""

@@ -1,0 +1,1 @@
+"""The ingestion API: POST /message validates, shards and publishes with confirms."""

@@ -1,0 +1,88 @@
+"""The OpenAPI document, built once from the real schemas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.common.schema import entries_json_schema
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {"type": "string", "description": "What is wrong, in one sentence."},
+        "errors": {
+            "type": "array",
+            "description": "For 400: each invalid entry (at most 20), by index and field.",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "index": {"type": "integer", "minimum": 0},
+                    "field": {"type": "string"},
+                    "message": {"type": "string"},
+                },
+                "required": ["message"],
+            },
+        },
+        "error_count": {"type": "integer", "description": "For 400: all errors found."},
+    },
+}
+
+
+def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+    if retry_after:
+        response["headers"] = {
+            "Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}
+        }
+    return response
+
+
+def _probe(description: str) -> dict[str, Any]:
+    return {"get": {"summary": description, "responses": {"200": {"description": "OK"}}}}
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    entries = entries_json_schema()
+    defs = entries.pop("$defs", {})
+    entries["items"] = {"$ref": "#/components/schemas/Entry"}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "async-data-processor ingestion API", "version": version},
+        "paths": {
+            "/message": {
+                "post": {
+                    "summary": "Accept entries; 201 once the broker confirmed all of them.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": entries}},
+                    },
+                    "responses": {
+                        "201": {
+                            "description": "Every entry is durable in its shard queue; echoed.",
+                            "content": {"application/json": {"schema": entries}},
+                        },
+                        "400": _error("Not a non-empty JSON array of valid entries."),
+                        "413": _error("The body is larger than MAX_BODY_BYTES."),
+                        "503": _error("The broker cannot take it now; retry.", retry_after=True),
+                    },
+                }
+            },
+            "/health": _probe("Alive (kept from the original)."),
+            "/healthz": _probe("Alive."),
+            "/readyz": {
+                "get": {
+                    "summary": "Ready: the broker is connected.",
+                    "responses": {
+                        "200": {"description": "Ready."},
+                        "503": {"description": "Not ready; the body says why."},
+                    },
+                }
+            },
+            "/metrics": _probe("Prometheus metrics, text format."),
+        },
+        "components": {"schemas": {**defs, "Error": _ERROR}},
+    }

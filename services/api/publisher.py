@@ -1,0 +1,219 @@
+"""Publishing with publisher confirms, grouping concurrent requests into shared messages.
+
+The broker confirms a few thousand messages per second; small requests arrive faster than
+that. So, per shard, requests hand in their part (a JSON array of their entries of that
+shard) and wait for the message that carries it. A message leaves on the next turn of the
+event loop, while fewer than `max_inflight` of the shard's messages await their confirm;
+otherwise parts pile up into the next message, up to `max_message_bytes`. Under light load
+each request gets its own message at once; under heavy load messages grow with the backlog
+(group commit). A request is answered when every message holding its parts is confirmed.
+
+Guarantee: `publish` returns only after the broker confirmed (persistent messages, durable
+queues, `mandatory`) every message holding the request's entries; otherwise it raises
+`PublishFailed`. A request that gives up before its part was sent withdraws the part, so a
+503 leaves nothing of it behind in that case. A confirm that is lost with the connection is
+indistinguishable from a failure: the request gets a 503, the client retries, and the
+consumer may see those entries twice (at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection, DeliveryMode
+from aiormq.exceptions import DeliveryError, PublishError
+
+from services.api.errors import PublishFailed
+from services.api.metrics import ApiMetrics
+from services.common.broker import CONNECTIVITY_ERRORS
+from services.common.schema import Entry, dump_entries
+from services.common.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+class Publisher(Protocol):
+    """The seam between the endpoint and the broker."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def publish(self, groups: dict[int, list[Entry]]) -> None:
+        """Return once every group is confirmed into its shard's queue; else raise
+        `PublishFailed`."""
+
+
+@dataclass(eq=False, slots=True)
+class _Message:
+    """Parts of one or more requests bound for one shard, sent as one AMQP message."""
+
+    parts: list[bytes] = field(default_factory=list)
+    entries: int = 0
+    size: int = 0
+    sent: bool = False
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def body(self) -> bytes:
+        if len(self.parts) == 1:
+            return self.parts[0]
+        return b"[" + b",".join(part[1:-1] for part in self.parts) + b"]"
+
+
+@dataclass(eq=False, slots=True)
+class _Shard:
+    index: int
+    queue: str
+    waiting: deque[_Message] = field(default_factory=deque)
+    inflight: int = 0
+    flush_scheduled: bool = False
+
+
+class GroupCommitPublisher:
+    def __init__(
+        self,
+        topology: Topology,
+        metrics: ApiMetrics,
+        *,
+        timeout: float,
+        max_inflight: int,
+        max_message_bytes: int,
+    ) -> None:
+        self._topology = topology
+        self._metrics = metrics
+        self._timeout = timeout
+        self._max_inflight = max_inflight
+        self._max_bytes = max_message_bytes
+        self._shards = [_Shard(s, topology.queue_name(s)) for s in range(topology.shards_count)]
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def attach(self, connection: AbstractRobustConnection) -> None:
+        """Broker set-up: declare the shard queues, open the confirm-mode channel."""
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await self._topology.declare(channel)
+        self._connection, self._channel = connection, channel
+
+    @property
+    def ready(self) -> bool:
+        conn, channel = self._connection, self._channel
+        return (
+            conn is not None
+            and channel is not None
+            and conn.connected.is_set()
+            and not channel.is_closed
+        )
+
+    async def publish(self, groups: dict[int, list[Entry]]) -> None:
+        if not self.ready:
+            self._metrics.publish_failures.labels("disconnected").inc()
+            raise PublishFailed("disconnected", "the broker is not connected")
+        joined = []
+        for shard, group in groups.items():
+            part = dump_entries(group)
+            joined.append((self._join(shard, part, len(group)), part, len(group)))
+        waits = [message.done for message, _, _ in joined]
+        _, pending = await asyncio.wait(waits, timeout=self._timeout)
+        if pending:
+            self._withdraw(joined)
+            raise PublishFailed("timeout", f"no confirm within {self._timeout:g}s")
+        for wait in waits:
+            exc = wait.exception()
+            if exc is not None:
+                raise exc
+
+    async def close(self, timeout: float) -> None:
+        """Wait (bounded) for messages already sent to be confirmed."""
+        if self._sending:
+            await asyncio.wait(self._sending, timeout=timeout)
+
+    def _join(self, shard_index: int, part: bytes, entries: int) -> _Message:
+        shard = self._shards[shard_index]
+        message = shard.waiting[-1] if shard.waiting else None
+        if message is None or (message.parts and message.size + len(part) > self._max_bytes):
+            message = _Message()
+            shard.waiting.append(message)
+        message.parts.append(part)
+        message.entries += entries
+        message.size += len(part)
+        if not shard.flush_scheduled and shard.inflight < self._max_inflight:
+            shard.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush, shard)
+        return message
+
+    def _withdraw(self, joined: list[tuple[_Message, bytes, int]]) -> None:
+        """A request gave up: take its parts out of messages not yet sent."""
+        for message, part, entries in joined:
+            if message.sent:
+                continue
+            # By identity: an equal part of another request must stay.
+            index = next(i for i, p in enumerate(message.parts) if p is part)
+            del message.parts[index]
+            message.entries -= entries
+            message.size -= len(part)
+
+    def _flush(self, shard: _Shard) -> None:
+        shard.flush_scheduled = False
+        while shard.waiting and shard.inflight < self._max_inflight:
+            message = shard.waiting.popleft()
+            if not message.parts:  # every request in it withdrew
+                message.done.cancel()
+                continue
+            message.sent = True
+            shard.inflight += 1
+            task = asyncio.create_task(self._send(shard, message))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, shard: _Shard, message: _Message) -> None:
+        started = time.perf_counter()
+        try:
+            await self._confirm(shard, message)
+        except PublishFailed as exc:
+            self._metrics.publish_failures.labels(exc.reason).inc()
+            log.warning("publish to %s failed (%s): %s", shard.queue, exc.reason, exc.detail)
+            message.done.set_exception(exc)
+            message.done.exception()  # retrieved here: the waiters may all have gone
+        else:
+            self._metrics.publish_seconds.observe(time.perf_counter() - started)
+            self._metrics.message_entries.observe(message.entries)
+            self._metrics.published_by_shard[shard.index].inc()
+            message.done.set_result(None)
+        finally:
+            shard.inflight -= 1
+            if shard.waiting and not shard.flush_scheduled:
+                shard.flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush, shard)
+
+    async def _confirm(self, shard: _Shard, message: _Message) -> None:
+        channel = self._channel
+        if channel is None or not self.ready:
+            raise PublishFailed("disconnected", "the broker is not connected")
+        amqp_message = aio_pika.Message(
+            message.body(),
+            content_type="application/json",
+            delivery_mode=DeliveryMode.PERSISTENT,
+            message_id=uuid.uuid4().hex,
+            headers={"x-adp-entries": message.entries},
+        )
+        try:
+            await channel.default_exchange.publish(
+                amqp_message, routing_key=shard.queue, mandatory=True, timeout=self._timeout
+            )
+        except PublishError as exc:  # before DeliveryError: a subclass of it
+            raise PublishFailed("returned", f"{shard.queue} is not routable: {exc}") from exc
+        except DeliveryError as exc:
+            raise PublishFailed("nack", f"{shard.queue} refused the message: {exc}") from exc
+        except TimeoutError as exc:
+            raise PublishFailed("timeout", f"no confirm within {self._timeout:g}s") from exc
+        except CONNECTIVITY_ERRORS as exc:
+            raise PublishFailed("disconnected", f"{type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,81 @@
+"""Settings both services read from the environment (12-factor).
+
+One pydantic-settings class per service derives from `BrokerSettings`; the CLI builds it
+once at start-up and passes it down. Field descriptions are the configuration table of the
+README and the chart's values: keep the words in step.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from yarl import URL
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class BrokerSettings(BaseSettings):
+    """Broker, topology and logging: what the API and the consumer must agree on."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", validate_default=True)
+
+    rabbitmq_url: str = Field(
+        "amqp://guest:guest@localhost:5672/",
+        description="AMQP URL of the RabbitMQ broker (amqp:// or amqps://).",
+    )
+    shards_count: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="Number of shards, one durable queue each; API and consumer must agree.",
+    )
+    queue_prefix: str = Field(
+        "task_queue_",
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Queue name prefix: shard n is the queue <prefix><n>.",
+    )
+    queue_max_length: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Most messages a shard queue holds before the broker rejects publishes "
+            "(the API then answers 503); 0 = unbounded. Part of the queue's identity: "
+            "API and consumer must agree."
+        ),
+    )
+    broker_connect_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="Seconds one connection attempt to the broker may take.",
+    )
+    broker_retry_max_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Longest pause, in seconds, between connection attempts (backoff cap).",
+    )
+    log_level: LogLevel = Field("INFO", description="Log level of the process.")
+
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _amqp_url(cls, value: str) -> str:
+        url = URL(value)
+        if url.scheme not in ("amqp", "amqps") or not url.host:
+            raise ValueError("must be an amqp:// or amqps:// URL with a host")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def rabbitmq_url_redacted(self) -> str:
+        """The broker URL fit for a log line: the password replaced."""
+        url = URL(self.rabbitmq_url)
+        return str(url.with_password("***")) if url.password else str(url)

@@ -1,0 +1,55 @@
+"""Sharding by timestamp: shard = floor(unix seconds of the timestamp) mod SHARDS_COUNT.
+
+As the Go original did, so both can feed the same queues. Integer arithmetic on the exact
+instant (no float rounding): dates before 1970 floor towards the past, so their shard is
+still in 0..SHARDS_COUNT-1.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from services.common.schema import Entry, EntryError, InvalidEntries
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
+
+
+def unix_seconds(timestamp: str) -> int:
+    """Floor of the Unix time of an RFC 3339 timestamp (shape already checked by the schema).
+
+    Raises ValueError for strings of the right shape that name no instant (2019-02-30,
+    second 60, offset +24:00, or an instant outside years 1..9999 once the offset applies).
+    """
+    if timestamp[-1] == "z":  # fromisoformat takes "Z" only in upper case
+        timestamp = timestamp[:-1] + "Z"
+    try:
+        return (datetime.fromisoformat(timestamp) - _EPOCH) // _SECOND
+    except OverflowError as exc:
+        raise ValueError("the instant is outside years 1..9999") from exc
+
+
+def shard_of(timestamp: str, shards_count: int) -> int:
+    """The shard of one timestamp."""
+    return unix_seconds(timestamp) % shards_count
+
+
+def group_by_shard(entries: list[Entry], shards_count: int) -> dict[int, list[Entry]]:
+    """Entries grouped by shard, each group in request order. Raises `InvalidEntries`
+    naming every entry whose timestamp is not a real instant."""
+    groups: dict[int, list[Entry]] = {}
+    errors: list[EntryError] = []
+    for index, entry in enumerate(entries):
+        try:
+            shard = unix_seconds(entry.timestamp) % shards_count
+        except ValueError as exc:
+            errors.append(EntryError(f"not a real instant: {exc}", index, "timestamp"))
+            continue
+        group = groups.get(shard)
+        if group is None:
+            groups[shard] = [entry]
+        else:
+            group.append(entry)
+    if errors:
+        raise InvalidEntries(errors)
+    return groups
