@@ -20,6 +20,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ExceptionHandler
 
 from services.api.errors import BodyTooLarge, PublishFailed
 from services.api.metrics import ApiMetrics
@@ -113,6 +114,22 @@ def create_app(
     def not_ready(request: Request) -> str | None:
         return None if request.state.publisher.ready else "broker not connected"
 
+    return Starlette(
+        routes=[
+            Route("/message", post_message, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
+            *probe_routes(registry, not_ready),
+        ],
+        middleware=[Middleware(RequestMetrics, metrics=metrics)],
+        exception_handlers=_error_handlers(settings.retry_after_seconds),
+        lifespan=lifespan,
+    )
+
+
+def _error_handlers(retry_after: int) -> dict[Any, ExceptionHandler]:
+    """The one place where errors become statuses."""
+
     async def invalid_entries(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, InvalidEntries)
         content: dict[str, Any] = {"error": str(exc)}
@@ -122,9 +139,10 @@ def create_app(
         return JSONResponse(content, status_code=400)
 
     async def too_large(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, BodyTooLarge)
         # The unread rest of the body makes keeping the connection unsafe: close it.
         return JSONResponse(
-            {"error": str(exc), "limit_bytes": limit},
+            {"error": str(exc), "limit_bytes": exc.limit},
             status_code=413,
             headers={"Connection": "close"},
         )
@@ -132,30 +150,22 @@ def create_app(
     async def unavailable(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, PublishFailed)
         return JSONResponse(
-            {"error": f"the broker did not accept the entries ({exc.reason}); retry later",
-             "reason": exc.reason},
+            {
+                "error": f"the broker did not take the entries ({exc.reason}); retry later",
+                "reason": exc.reason,
+            },
             status_code=503,
-            headers={"Retry-After": str(settings.retry_after_seconds)},
+            headers={"Retry-After": str(retry_after)},
         )
 
     async def internal(_: Request, exc: Exception) -> Response:
         log.error("unhandled error", exc_info=exc)
         return JSONResponse({"error": "internal error"}, status_code=500)
 
-    return Starlette(
-        routes=[
-            Route("/message", post_message, methods=["POST"]),
-            Route("/health", health, methods=["GET"]),
-            Route("/openapi.json", openapi, methods=["GET"]),
-            *probe_routes(registry, not_ready),
-        ],
-        middleware=[Middleware(RequestMetrics, metrics=metrics)],
-        exception_handlers={
-            InvalidEntries: invalid_entries,
-            BodyTooLarge: too_large,
-            PublishFailed: unavailable,
-            HTTPException: http_error,
-            Exception: internal,
-        },
-        lifespan=lifespan,
-    )
+    return {
+        InvalidEntries: invalid_entries,
+        BodyTooLarge: too_large,
+        PublishFailed: unavailable,
+        HTTPException: http_error,
+        Exception: internal,
+    }

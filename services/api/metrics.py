@@ -8,9 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from services.api.errors import PublishFailed
 from services.common.metrics import LATENCY_BUCKETS, SIZE_BUCKETS
 
-ROUTES = frozenset(
-    {"/message", "/health", "/healthz", "/readyz", "/metrics", "/openapi.json"}
-)
+ROUTES = frozenset({"/message", "/health", "/healthz", "/readyz", "/metrics", "/openapi.json"})
 
 
 class ApiMetrics:

@@ -31,6 +31,9 @@ def uvicorn_config(settings: ApiSettings) -> uvicorn.Config:
 def run(settings: ApiSettings) -> None:
     log.info(
         "starting API on %s:%d (broker %s, %d shards)",
-        settings.host, settings.port, settings.rabbitmq_url_redacted, settings.shards_count,
+        settings.host,
+        settings.port,
+        settings.rabbitmq_url_redacted,
+        settings.shards_count,
     )
     uvicorn.Server(uvicorn_config(settings)).run()

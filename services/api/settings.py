@@ -8,7 +8,7 @@ from services.common.settings import BrokerSettings
 
 
 class ApiSettings(BrokerSettings):
-    host: str = Field("0.0.0.0", description="Address the API listens on.")  # noqa: S104
+    host: str = Field("0.0.0.0", description="Address the API listens on.")
     port: int = Field(8080, ge=0, le=65535, description="API listen port (0 = any free port).")
     max_body_bytes: int = Field(
         1_048_576,

@@ -58,7 +58,6 @@ class Broker:
         self._shown_url = redacted_url or url
         self._connection: AbstractRobustConnection | None = None
         self._task: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
         self.attempts = 0
 
     @property
@@ -66,14 +65,6 @@ class Broker:
         """True while a connection is open (False before the first one and during a loss)."""
         conn = self._connection
         return conn is not None and not conn.is_closed and conn.connected.is_set()
-
-    async def wait_connected(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for the first connection; True when it is made."""
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
 
     async def __aenter__(self) -> Broker:
         self._task = asyncio.create_task(self._connect_forever(), name=f"{self._name}-connect")
@@ -108,7 +99,10 @@ class Broker:
             except CONNECTIVITY_ERRORS as exc:
                 log.warning(
                     "broker %s unreachable (attempt %d: %s); retrying in %.1fs",
-                    self._shown_url, self.attempts, exc or type(exc).__name__, delay,
+                    self._shown_url,
+                    self.attempts,
+                    exc or type(exc).__name__,
+                    delay,
                 )
             else:
                 if await self._set_up(connection, delay):
@@ -122,11 +116,13 @@ class Broker:
         except CONNECTIVITY_ERRORS as exc:
             log.error(
                 "broker %s connected but set-up failed (attempt %d: %s); retrying in %.1fs",
-                self._shown_url, self.attempts, exc, delay,
+                self._shown_url,
+                self.attempts,
+                exc,
+                delay,
             )
             await connection.close()
             return False
         self._connection = connection
-        self._ready.set()
         log.info("connected to broker %s (attempt %d)", self._shown_url, self.attempts)
         return True

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aio_pika.abc import AbstractChannel, AbstractQueue
+from pamqp.common import Arguments
 
 from services.common.settings import BrokerSettings
 
@@ -34,7 +35,7 @@ class Topology:
         return [self.queue_name(shard) for shard in range(self.shards_count)]
 
     @property
-    def queue_arguments(self) -> dict[str, int | str]:
+    def queue_arguments(self) -> Arguments:
         if not self.max_length:
             return {}
         # reject-publish: a full queue nacks the publish, so the API can answer 503

@@ -1,0 +1,64 @@
+"""Fixtures shared by every test: the real broker (never skipped), isolated queues."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractConnection
+
+from services.common.topology import Topology
+
+RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+@pytest.fixture
+def rabbitmq_url() -> str:
+    return RABBITMQ_URL
+
+
+@pytest.fixture
+async def amqp(rabbitmq_url: str) -> AsyncIterator[AbstractConnection]:
+    """A plain connection for the test's own look at the queues. No broker is a failure
+    with a clear message, never a skip: `make test` starts RabbitMQ first."""
+    try:
+        connection = await aio_pika.connect(rabbitmq_url, timeout=10)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the same thing
+        pytest.fail(
+            f"RabbitMQ is not reachable at {rabbitmq_url} ({exc!r}). "
+            "Run the tests with `make test`, which starts it, or start it with "
+            "`rabbitmq-server -detached`.",
+            pytrace=False,
+        )
+    async with connection:
+        yield connection
+
+
+@pytest.fixture
+def unique_prefix() -> Callable[[], str]:
+    def make() -> str:
+        return f"adp_test_{uuid.uuid4().hex[:10]}_"
+
+    return make
+
+
+@pytest.fixture
+async def topology(
+    amqp: AbstractConnection, unique_prefix: Callable[[], str]
+) -> AsyncIterator[Callable[..., Topology]]:
+    """Factory of topologies with a queue prefix of their own; their queues are deleted
+    after the test."""
+    made: list[Topology] = []
+
+    def make(shards_count: int = 5, max_length: int = 0) -> Topology:
+        made.append(Topology(unique_prefix(), shards_count, max_length))
+        return made[-1]
+
+    yield make
+    async with amqp.channel() as channel:
+        for topo in made:
+            for name in topo.queue_names:
+                await channel.queue_delete(name)

@@ -1,0 +1,43 @@
+"""The real API app served by a real uvicorn inside the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import uvicorn
+
+from services.api.app import create_app
+from services.api.settings import ApiSettings
+from services.common.metrics import new_registry
+
+
+@asynccontextmanager
+async def serve_api(settings: ApiSettings) -> AsyncIterator[httpx.AsyncClient]:
+    """Serve the API on a free loopback port; yield an HTTP client bound to it."""
+    config = uvicorn.Config(
+        create_app(settings, registry=new_registry(process=False)),
+        host="127.0.0.1",
+        port=0,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        for _ in range(500):
+            if server.started or task.done():
+                break
+            await asyncio.sleep(0.01)
+        if not server.started:
+            await task  # surfaces the start-up error
+            raise AssertionError("uvicorn did not start")
+        port = server.servers[0].sockets[0].getsockname()[1]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)

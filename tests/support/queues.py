@@ -1,0 +1,36 @@
+"""Looking into the shard queues from a test."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+
+from services.common.topology import Topology
+
+
+async def drain(connection: AbstractConnection, queue: str) -> list[AbstractIncomingMessage]:
+    """Every message now in `queue`, taken off it."""
+    messages = []
+    async with connection.channel() as channel:
+        q = await channel.declare_queue(queue, passive=True)
+        while (message := await q.get(no_ack=True, fail=False)) is not None:
+            messages.append(message)
+    return messages
+
+
+async def drain_entries(connection: AbstractConnection, topo: Topology) -> dict[int, list[Any]]:
+    """Entries per shard, across every message of the topology's queues."""
+    found: dict[int, list[Any]] = {}
+    for shard, name in enumerate(topo.queue_names):
+        for message in await drain(connection, name):
+            found.setdefault(shard, []).extend(json.loads(message.body))
+    return found
+
+
+async def depth(connection: AbstractConnection, queue: str) -> int:
+    """Ready messages in `queue` (passive declare)."""
+    async with connection.channel() as channel:
+        q = await channel.declare_queue(queue, passive=True)
+        return q.declaration_result.message_count or 0
