@@ -16,12 +16,21 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> None:
         """Listen (again) on the proxy's port."""
         self._server = await asyncio.start_server(
             self._accept, "127.0.0.1", self.port, reuse_address=True
         )
+
+    def pause(self) -> None:
+        """Keep connections open but forward nothing (a broker that stopped answering)."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
 
     async def cut(self) -> None:
         """Stop listening and drop every open connection (like a dead broker)."""
@@ -51,6 +60,7 @@ class TcpProxy:
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:
             while data := await src.read(65536):
+                await self._flowing.wait()
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError):
@@ -59,4 +69,3 @@ class TcpProxy:
             with contextlib.suppress(Exception):
                 dst.transport.abort()
             self._writers.discard(dst)
-

@@ -1,0 +1,219 @@
+"""The API against the real RabbitMQ: what lands in the shard queues, and what the client
+hears when the broker refuses, disappears or stalls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import httpx
+import pytest
+from aio_pika.abc import AbstractConnection
+from yarl import URL
+
+from services.api.settings import ApiSettings
+from services.common.topology import Topology
+from tests.support.api import serve_api
+from tests.support.polling import eventually
+from tests.support.queues import depth, drain, drain_entries
+from tests.support.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.rabbitmq
+
+ServeApi = Callable[..., AbstractAsyncContextManager[httpx.AsyncClient]]
+
+
+def entry(second: int, value: str) -> dict[str, Any]:
+    return {"timestamp": f"2019-10-12T07:20:{second:02d}.52Z", "value": value}
+
+
+@pytest.fixture
+def api(rabbitmq_url: str, amqp: AbstractConnection) -> ServeApi:
+    """serve_api(topology, **settings) on the real broker; waits until it is ready."""
+
+    def start(topo: Topology, url: str = rabbitmq_url, **overrides: Any) -> Any:
+        settings = ApiSettings(
+            rabbitmq_url=url,
+            queue_prefix=topo.prefix,
+            shards_count=topo.shards_count,
+            queue_max_length=topo.max_length,
+            **overrides,
+        )
+        return serve_api(settings)
+
+    return start
+
+
+async def ready(client: httpx.AsyncClient, timeout: float = 15) -> None:
+    async def probe() -> bool:
+        return (await client.get("/readyz")).status_code == 200
+
+    await eventually(probe, timeout=timeout, what="API ready")
+
+
+async def test_entries_land_in_their_shard_queues_once_with_contract_properties(
+    api: ServeApi, topology: Callable[..., Topology], amqp: AbstractConnection
+) -> None:
+    topo = topology()
+    body = [entry(second, f"v{second}") for second in range(50, 60)]
+    async with api(topo) as client:
+        await ready(client)
+        response = await client.post("/message", json=body)
+    assert response.status_code == 201
+    assert response.json() == body
+
+    for shard, name in enumerate(topo.queue_names):
+        messages = await drain(amqp, name)
+        expected = [e for e in body if int(e["timestamp"][17:19]) % 5 == shard]
+        assert [e for m in messages for e in json.loads(m.body)] == expected
+        for message in messages:
+            assert message.content_type == "application/json"
+            assert message.delivery_mode == 2  # persistent
+            assert message.message_id
+            assert message.headers["x-adp-entries"] == len(json.loads(message.body))
+
+
+async def test_concurrent_requests_share_messages_and_none_is_lost(
+    api: ServeApi, topology: Callable[..., Topology], amqp: AbstractConnection
+) -> None:
+    topo = topology(shards_count=2)
+    requests = 300
+    async with api(topo, publish_max_inflight=1) as client:
+        await ready(client)
+        responses = await asyncio.gather(
+            *(client.post("/message", json=[entry(i % 60, f"r{i}")]) for i in range(requests))
+        )
+        metrics = (await client.get("/metrics")).text
+    assert Counter(r.status_code for r in responses) == {201: requests}
+    messages = [m for name in topo.queue_names for m in await drain(amqp, name)]
+    values = [e["value"] for m in messages for e in json.loads(m.body)]
+    assert sorted(values) == sorted(f"r{i}" for i in range(requests))
+    assert len(messages) < requests  # grouped
+    assert len({m.message_id for m in messages}) == len(messages)
+    accepted = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("adp_api_entries_accepted_total{")
+    )
+    assert accepted == requests
+
+
+async def test_an_invalid_entry_publishes_nothing(
+    api: ServeApi, topology: Callable[..., Topology], amqp: AbstractConnection
+) -> None:
+    topo = topology()
+    async with api(topo) as client:
+        await ready(client)
+        body = [entry(50, "a"), entry(51, "b"), {"timestamp": "2019-10-12"}]
+        response = await client.post("/message", json=body)
+    assert response.status_code == 400
+    assert await drain_entries(amqp, topo) == {}
+
+
+async def test_full_queue_nacks_and_the_client_gets_503(
+    api: ServeApi, topology: Callable[..., Topology], amqp: AbstractConnection
+) -> None:
+    topo = topology(shards_count=1, max_length=1)
+    async with api(topo, retry_after_seconds=2) as client:
+        await ready(client)
+        first = await client.post("/message", json=[entry(50, "kept")])
+        second = await client.post("/message", json=[entry(51, "refused")])
+    assert first.status_code == 201
+    assert second.status_code == 503
+    assert second.headers["retry-after"] == "2"
+    assert second.json()["reason"] == "nack"
+    assert await drain_entries(amqp, topo) == {0: [entry(50, "kept")]}
+
+
+async def test_unroutable_publish_is_503_not_a_silent_drop(
+    api: ServeApi, topology: Callable[..., Topology], amqp: AbstractConnection
+) -> None:
+    topo = topology(shards_count=1)
+    async with api(topo) as client:
+        await ready(client)
+        async with amqp.channel() as channel:
+            await channel.queue_delete(topo.queue_name(0))
+        response = await client.post("/message", json=[entry(50, "nowhere")])
+    assert response.status_code == 503
+    assert response.json()["reason"] == "returned"
+
+
+def via(proxy: TcpProxy, rabbitmq_url: str) -> str:
+    return str(URL(rabbitmq_url).with_host("127.0.0.1").with_port(proxy.port))
+
+
+@pytest.fixture
+async def proxy(rabbitmq_url: str) -> AsyncIterator[TcpProxy]:
+    url = URL(rabbitmq_url)
+    the_proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5672)
+    yield the_proxy
+    await the_proxy.cut()
+
+
+async def test_broker_lost_gives_fast_503_and_recovers_without_restart(
+    api: ServeApi, topology: Callable[..., Topology], proxy: TcpProxy, rabbitmq_url: str
+) -> None:
+    topo = topology()
+    await proxy.start()
+    async with api(topo, url=via(proxy, rabbitmq_url), publish_timeout_seconds=2) as client:
+        await ready(client)
+        assert (await client.post("/message", json=[entry(50, "before")])).status_code == 201
+
+        await proxy.cut()
+        started = time.monotonic()
+        during = await client.post("/message", json=[entry(51, "during")])
+        assert during.status_code == 503
+        assert time.monotonic() - started <= 2.5
+        assert "retry-after" in during.headers
+        assert (await client.get("/readyz")).status_code == 503
+
+        await proxy.start()
+        back = time.monotonic()
+
+        async def accepted() -> bool:
+            response = await client.post("/message", json=[entry(52, "after")])
+            return response.status_code == 201
+
+        await eventually(accepted, timeout=10, interval=0.2, what="201 after broker return")
+        assert time.monotonic() - back < 10
+        assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_stalled_broker_gives_503_within_the_publish_timeout(
+    api: ServeApi, topology: Callable[..., Topology], proxy: TcpProxy, rabbitmq_url: str
+) -> None:
+    topo = topology()
+    await proxy.start()
+    async with api(topo, url=via(proxy, rabbitmq_url), publish_timeout_seconds=1) as client:
+        await ready(client)
+        proxy.pause()
+        started = time.monotonic()
+        response = await client.post("/message", json=[entry(50, "stalled")])
+        elapsed = time.monotonic() - started
+        proxy.resume()
+    assert response.status_code == 503
+    assert response.json()["reason"] == "timeout"
+    assert 0.9 <= elapsed <= 2.0
+
+
+async def test_starts_without_broker_and_becomes_ready_when_it_comes(
+    api: ServeApi,
+    topology: Callable[..., Topology],
+    proxy: TcpProxy,
+    rabbitmq_url: str,
+    amqp: AbstractConnection,
+) -> None:
+    topo = topology()
+    async with api(topo, url=via(proxy, rabbitmq_url), broker_retry_max_seconds=0.5) as client:
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 503
+        assert (await client.post("/message", json=[entry(50, "early")])).status_code == 503
+        await proxy.start()
+        await ready(client, timeout=10)
+        assert (await client.post("/message", json=[entry(50, "late")])).status_code == 201
+    assert await depth(amqp, topo.queue_name(0)) == 1
