@@ -1,10 +1,18 @@
-"""Runs the API under uvicorn. uvicorn owns SIGTERM/SIGINT here: it stops accepting,
-lets in-flight requests finish (bounded by SHUTDOWN_TIMEOUT_SECONDS), then the lifespan
-closes the broker connection."""
+"""Runs the API under uvicorn.
+
+On SIGTERM/SIGINT: stop accepting, let in-flight requests finish (bounded by
+SHUTDOWN_TIMEOUT_SECONDS), then the lifespan closes the broker connection, and the process
+exits 0. A second signal forces the exit.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
 
 import uvicorn
 
@@ -12,6 +20,31 @@ from services.api.app import create_app
 from services.api.settings import ApiSettings
 
 log = logging.getLogger(__name__)
+
+
+class Server(uvicorn.Server):
+    """uvicorn re-raises the signal after its drain, so a clean shutdown would still end as
+    "killed by SIGTERM" (exit 143). Here the handler only sets a flag: a clean drain exits 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            self.force_exit = True
+        self.should_exit = True
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def uvicorn_config(settings: ApiSettings) -> uvicorn.Config:
@@ -36,4 +69,5 @@ def run(settings: ApiSettings) -> None:
         settings.rabbitmq_url_redacted,
         settings.shards_count,
     )
-    uvicorn.Server(uvicorn_config(settings)).run()
+    Server(uvicorn_config(settings)).run()
+    log.info("API stopped")
