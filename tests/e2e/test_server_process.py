@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ from aio_pika.abc import AbstractConnection
 
 from services.common.topology import Topology
 from tests.support.net import free_port
+from tests.support.polling import eventually
 from tests.support.process import ServiceProcess
 from tests.support.queues import drain_entries
 
@@ -94,8 +94,11 @@ async def test_sigterm_under_load_loses_no_accepted_entry(
         await proc.wait_ready(base)
         stop = asyncio.Event()
         clients = [asyncio.create_task(client_loop(w, stop)) for w in range(16)]
-        while len(accepted) < 600:
-            await asyncio.sleep(0.05)
+
+        async def under_load() -> bool:
+            return len(accepted) >= 600
+
+        await eventually(under_load, timeout=30, what="600 entries accepted")
         proc.signal()
         code = await asyncio.to_thread(proc.wait, 15)
         stop.set()
@@ -107,4 +110,3 @@ async def test_sigterm_under_load_loses_no_accepted_entry(
     assert set(accepted) <= set(written)
     assert len(written) == len(set(written))  # nothing published twice
     assert "Traceback" not in proc.log, proc.log
-    print(json.dumps({"accepted": len(accepted), "in_queues": len(written)}))
