@@ -1,4 +1,4 @@
-"""The API's own errors. Each is mapped once to an HTTP status, in `app.py`'s handlers:
+"""The API's own errors. Each is mapped once to an HTTP status, at the edge in `ingest.py`:
 `schema.InvalidEntries` → 400, `BodyTooLarge` → 413, `PublishFailed` → 503."""
 
 from __future__ import annotations
@@ -21,3 +21,7 @@ class PublishFailed(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its body was read; nothing is published."""

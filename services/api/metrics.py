@@ -9,6 +9,7 @@ from services.api.errors import PublishFailed
 from services.common.metrics import LATENCY_BUCKETS, SIZE_BUCKETS
 
 ROUTES = frozenset({"/message", "/health", "/healthz", "/readyz", "/metrics", "/openapi.json"})
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class ApiMetrics:
@@ -69,3 +70,18 @@ class ApiMetrics:
         ]
         for reason in PublishFailed.REASONS:
             self.publish_failures.labels(reason)
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def observe_request(self, path: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered request; unknown paths count as route "other" and unusual
+        methods as "other", so a hostile client cannot grow the label sets."""
+        route = path if path in ROUTES else "other"
+        key = (route, method if method in METHODS else "other", status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(key[0], key[1], str(status)),
+                self.request_seconds.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)

@@ -1,6 +1,5 @@
-"""Request metrics as a pure ASGI middleware (BaseHTTPMiddleware would cost a task per
-request). Labels stay bounded: unknown paths count as route "other", unusual methods as
-method "other"."""
+"""Request metrics for the Starlette routes, as a pure ASGI middleware (BaseHTTPMiddleware
+would cost a task per request). /message counts its own (`ingest.Ingest`)."""
 
 from __future__ import annotations
 
@@ -8,9 +7,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.api.metrics import ROUTES, ApiMetrics
-
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+from services.api.metrics import ApiMetrics
 
 
 class RequestMetrics:
@@ -34,8 +31,5 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            path = scope["path"]
-            route = path if path in ROUTES else "other"
-            method = scope["method"] if scope["method"] in _METHODS else "other"
-            self.metrics.requests.labels(route, method, str(status)).inc()
-            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.metrics.observe_request(scope["path"], scope["method"], status, elapsed)

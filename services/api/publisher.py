@@ -122,8 +122,7 @@ class GroupCommitPublisher:
             part = dump_entries(group)
             joined.append((self._join(shard, part, len(group)), part, len(group)))
         waits = [message.done for message, _, _ in joined]
-        _, pending = await asyncio.wait(waits, timeout=self._timeout)
-        if pending:
+        if not await _all_done(waits, self._timeout):
             self._withdraw(joined)
             raise PublishFailed("timeout", f"no confirm within {self._timeout:g}s")
         for wait in waits:
@@ -217,3 +216,33 @@ class GroupCommitPublisher:
             raise PublishFailed("timeout", f"no confirm within {self._timeout:g}s") from exc
         except CONNECTIVITY_ERRORS as exc:
             raise PublishFailed("disconnected", f"{type(exc).__name__}: {exc}") from exc
+
+
+async def _all_done(futures: list[asyncio.Future[None]], timeout: float) -> bool:
+    """Wait until every future is done (True) or `timeout` seconds pass (False); cancels
+    none of them, since other requests share them. A lean `asyncio.wait`: this runs once per
+    request."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[bool] = loop.create_future()
+    remaining = len(futures)
+
+    def one_done(_: asyncio.Future[None]) -> None:
+        nonlocal remaining
+        remaining -= 1
+        if not remaining and not waiter.done():
+            waiter.set_result(True)
+
+    for future in futures:
+        future.add_done_callback(one_done)
+    timer = loop.call_later(timeout, _expire, waiter)
+    try:
+        return await waiter
+    finally:
+        timer.cancel()
+        for future in futures:
+            future.remove_done_callback(one_done)
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)

@@ -18,6 +18,7 @@ import uvicorn
 
 from services.api.app import create_app
 from services.api.settings import ApiSettings
+from services.common.runtime import tune_gc
 
 log = logging.getLogger(__name__)
 
@@ -69,5 +70,8 @@ def run(settings: ApiSettings) -> None:
         settings.rabbitmq_url_redacted,
         settings.shards_count,
     )
-    Server(uvicorn_config(settings)).run()
+    config = uvicorn_config(settings)
+    config.load()
+    tune_gc()
+    Server(config).run()
     log.info("API stopped")

@@ -74,7 +74,7 @@ def test_timestamps_naming_no_instant_are_rejected_with_index(timestamp: str) ->
 def test_groups_keep_request_order() -> None:
     stamps = [f"2019-10-12T07:20:{s:02d}Z" for s in (50, 51, 55, 52, 56, 50)]
     groups = group_by_shard([Entry(timestamp=t, value=str(i)) for i, t in enumerate(stamps)], 5)
-    assert {shard: [e.value for e in group] for shard, group in groups.items()} == {
+    assert {shard: [e["value"] for e in group] for shard, group in groups.items()} == {
         0: ["0", "2", "5"],
         1: ["1", "4"],
         2: ["3"],
