@@ -172,6 +172,7 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--sizes", default="3,100")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per target; medians kept")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if not shutil.which("wrk"):

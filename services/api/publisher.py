@@ -180,8 +180,13 @@ class GroupCommitPublisher:
         except PublishFailed as exc:
             self._metrics.publish_failures.labels(exc.reason).inc()
             log.warning("publish to %s failed (%s): %s", shard.queue, exc.reason, exc.detail)
-            message.done.set_exception(exc)
-            message.done.exception()  # retrieved here: the waiters may all have gone
+            _fail(message, exc)
+            if exc.reason in ("timeout", "disconnected"):
+                # The broker is stalled or gone: the messages waiting behind this one would
+                # go into the same hole, and their requests would time out after bytes had
+                # left, so a client's retry could duplicate them. Fail them unsent instead.
+                while shard.waiting:
+                    _fail(shard.waiting.popleft(), exc)
         else:
             self._metrics.publish_seconds.observe(time.perf_counter() - started)
             self._metrics.message_entries.observe(message.entries)
@@ -216,6 +221,12 @@ class GroupCommitPublisher:
             raise PublishFailed("timeout", f"no confirm within {self._timeout:g}s") from exc
         except CONNECTIVITY_ERRORS as exc:
             raise PublishFailed("disconnected", f"{type(exc).__name__}: {exc}") from exc
+
+
+def _fail(message: _Message, exc: PublishFailed) -> None:
+    if not message.done.done():
+        message.done.set_exception(exc)
+        message.done.exception()  # retrieved here: the waiters may all have gone
 
 
 async def _all_done(futures: list[asyncio.Future[None]], timeout: float) -> bool:

@@ -26,7 +26,7 @@ class ApiSettings(BrokerSettings):
         1, ge=1, le=3600, description="Retry-After, in seconds, sent with every 503."
     )
     publish_max_inflight: int = Field(
-        4,
+        1,
         ge=1,
         le=1000,
         description=(

@@ -78,12 +78,16 @@ async def test_entries_land_in_their_shard_queues_once_with_contract_properties(
             assert message.headers["x-adp-entries"] == len(json.loads(message.body))
 
 
+@pytest.mark.parametrize("max_message_bytes", [1_048_576, 1024])
 async def test_concurrent_requests_share_messages_and_none_is_lost(
-    api: ServeApi, topology: Callable[..., Topology], amqp: AbstractConnection
+    api: ServeApi,
+    topology: Callable[..., Topology],
+    amqp: AbstractConnection,
+    max_message_bytes: int,
 ) -> None:
     topo = topology(shards_count=2)
     requests = 300
-    async with api(topo, publish_max_inflight=1) as client:
+    async with api(topo, publish_max_message_bytes=max_message_bytes) as client:
         await ready(client)
         responses = await asyncio.gather(
             *(client.post("/message", json=[entry(i % 60, f"r{i}")]) for i in range(requests))
@@ -95,6 +99,7 @@ async def test_concurrent_requests_share_messages_and_none_is_lost(
     assert sorted(values) == sorted(f"r{i}" for i in range(requests))
     assert len(messages) < requests  # grouped
     assert len({m.message_id for m in messages}) == len(messages)
+    assert all(len(m.body) <= max_message_bytes for m in messages)
     accepted = sum(
         float(line.rsplit(" ", 1)[1])
         for line in metrics.splitlines()
@@ -185,20 +190,36 @@ async def test_broker_lost_gives_fast_503_and_recovers_without_restart(
 
 
 async def test_stalled_broker_gives_503_within_the_publish_timeout(
-    api: ServeApi, topology: Callable[..., Topology], proxy: TcpProxy, rabbitmq_url: str
+    api: ServeApi,
+    topology: Callable[..., Topology],
+    proxy: TcpProxy,
+    rabbitmq_url: str,
+    amqp: AbstractConnection,
 ) -> None:
-    topo = topology()
+    """The first request's message is sent and stalls; the requests waiting behind it fail
+    with it, unsent, so after the stall only the sent one can arrive (at-least-once)."""
+    topo = topology(shards_count=1)
     await proxy.start()
     async with api(topo, url=via(proxy, rabbitmq_url), publish_timeout_seconds=1) as client:
         await ready(client)
         proxy.pause()
         started = time.monotonic()
-        response = await client.post("/message", json=[entry(50, "stalled")])
+        first = asyncio.create_task(client.post("/message", json=[entry(50, "sent")]))
+        await asyncio.sleep(0.1)
+        others = await asyncio.gather(
+            *(client.post("/message", json=[entry(50, f"withdrawn{i}")]) for i in range(5))
+        )
+        responses = [await first, *others]
         elapsed = time.monotonic() - started
         proxy.resume()
-    assert response.status_code == 503
-    assert response.json()["reason"] == "timeout"
-    assert 0.9 <= elapsed <= 2.0
+        await ready(client)
+        assert (await client.post("/message", json=[entry(50, "later")])).status_code == 201
+    assert [r.status_code for r in responses] == [503] * 6
+    assert {r.json()["reason"] for r in responses} == {"timeout"}
+    assert elapsed <= 2.0
+    values = {e["value"] for e in (await drain_entries(amqp, topo)).get(0, [])}
+    assert values <= {"sent", "later"}
+    assert "later" in values
 
 
 async def test_starts_without_broker_and_becomes_ready_when_it_comes(
