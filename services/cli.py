@@ -1,4 +1,5 @@
-"""The `async-data-processor` command: `server` (the API); more subcommands follow.
+"""The `async-data-processor` command: `server` (the API), `message-consumer` (the
+consumer), `dev` (both in one process, for a laptop).
 
 Settings come from the environment (see README); a flag, where offered, overrides its
 variable. Invalid settings end the process with status 2 and one line per problem.
@@ -8,22 +9,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from services.api.settings import ApiSettings
 from services.common.logs import configure_logging
+from services.consumer.settings import ConsumerSettings
 
-# Flags shared by every service: (flag, settings field, type, help).
-_COMMON_FLAGS: list[tuple[str, str, type, str]] = [
+Flag = tuple[str, str, Callable[[str], Any], str]
+
+# (flag, settings field, type, help)
+_COMMON_FLAGS: list[Flag] = [
     ("--rabbitmq-url", "rabbitmq_url", str, "broker URL (RABBITMQ_URL)"),
     ("--shards-count", "shards_count", int, "number of shards (SHARDS_COUNT)"),
     ("--queue-prefix", "queue_prefix", str, "queue name prefix (QUEUE_PREFIX)"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR (LOG_LEVEL)"),
 ]
-_SERVER_FLAGS: list[tuple[str, str, type, str]] = [
+_SERVER_FLAGS: list[Flag] = [
     ("--host", "host", str, "listen address (HOST)"),
     ("--port", "port", int, "listen port (PORT)"),
     ("--max-body-bytes", "max_body_bytes", int, "largest request body (MAX_BODY_BYTES)"),
@@ -34,9 +39,30 @@ _SERVER_FLAGS: list[tuple[str, str, type, str]] = [
         "longest wait for confirms (PUBLISH_TIMEOUT_SECONDS)",
     ),
 ]
+_CONSUMER_FLAGS: list[Flag] = [
+    ("--data-output-dir", "data_output_dir", Path, "batch file directory (DATA_OUTPUT_DIR)"),
+    ("--metrics-port", "metrics_port", int, "port of /metrics and /workers (METRICS_PORT)"),
+    ("--workers-min", "workers_min", int, "workers per shard at rest (WORKERS_MIN)"),
+    ("--workers-max", "workers_max", int, "most workers per shard (WORKERS_MAX)"),
+    ("--batch-size", "batch_size", int, "entries per batch file (BATCH_SIZE)"),
+    (
+        "--batch-max-wait-seconds",
+        "batch_max_wait_seconds",
+        float,
+        "partial batch written after (BATCH_MAX_WAIT_SECONDS)",
+    ),
+    (
+        "--worker-timeout-seconds",
+        "worker_timeout_seconds",
+        float,
+        "longest time on one batch (WORKER_TIMEOUT_SECONDS)",
+    ),
+]
+_CONSUMER_ONLY = {dest for _, dest, _, _ in _CONSUMER_FLAGS}
+_SERVER_ONLY = {dest for _, dest, _, _ in _SERVER_FLAGS}
 
 
-def _add_flags(parser: argparse.ArgumentParser, flags: list[tuple[str, str, type, str]]) -> None:
+def _add_flags(parser: argparse.ArgumentParser, flags: list[Flag]) -> None:
     for flag, dest, kind, help_text in flags:
         parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
 
@@ -53,24 +79,58 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the ingestion API. Every option also reads its environment variable.",
     )
     _add_flags(server, _SERVER_FLAGS + _COMMON_FLAGS)
+    consumer = commands.add_parser(
+        "message-consumer",
+        help="run the pools of workers that consume messages and write them to files",
+        description="Run the consumer. Every option also reads its environment variable.",
+    )
+    _add_flags(consumer, _CONSUMER_FLAGS + _COMMON_FLAGS)
+    dev = commands.add_parser(
+        "dev",
+        help="run the API and the consumer in one process (for a laptop)",
+        description="Run the API and the consumer in one process. Every option also reads "
+        "its environment variable.",
+    )
+    _add_flags(dev, _SERVER_FLAGS + _CONSUMER_FLAGS + _COMMON_FLAGS)
     return parser
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+def _settings(model: type[BaseModel], args: argparse.Namespace, skip: set[str]) -> Any:
+    overrides = {
+        key: value
+        for key, value in vars(args).items()
+        if key != "command" and key not in skip and value is not None
+    }
+    return model(**overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = ApiSettings(**_overrides(args))
+        api: ApiSettings | None = None
+        consumer: ConsumerSettings | None = None
+        if args.command in ("server", "dev"):
+            api = _settings(ApiSettings, args, _CONSUMER_ONLY)
+        if args.command in ("message-consumer", "dev"):
+            consumer = _settings(ConsumerSettings, args, _SERVER_ONLY)
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
-            name = ".".join(str(part) for part in error["loc"]).upper()
+            name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
             print(f"async-data-processor: invalid setting {name}: {error['msg']}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
-    from services.api.server import run
+    if api is not None and consumer is not None:
+        from services.devserver import run as run_dev
 
-    run(settings)
+        configure_logging(api.log_level)
+        run_dev(api, consumer)
+    elif api is not None:
+        from services.api.server import run as run_server
+
+        configure_logging(api.log_level)
+        run_server(api)
+    elif consumer is not None:
+        from services.consumer.runner import run as run_consumer
+
+        configure_logging(consumer.log_level)
+        run_consumer(consumer)
     return 0

@@ -19,7 +19,7 @@ from types import TracebackType
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
-from aiormq.exceptions import AMQPError
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from pamqp.exceptions import PAMQPException
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # around broker calls.
 CONNECTIVITY_ERRORS: tuple[type[BaseException], ...] = (
     AMQPError,
+    ChannelInvalidStateError,  # a RuntimeError: the channel closed under us
     PAMQPException,
     ConnectionError,
     OSError,

@@ -6,13 +6,16 @@ becomes the contract's `{"error": ...}` document.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
+import uvicorn
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from services.common.metrics import exposition
 
@@ -51,4 +54,27 @@ async def http_error(_: Request, exc: Exception) -> Response:
         {"error": messages.get(exc.status_code, exc.detail)},
         status_code=exc.status_code,
         headers=exc.headers,
+    )
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn serving inside a process whose own supervisor owns SIGTERM/SIGINT: it
+    installs no signal handlers and stops when `should_exit` is set."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def embedded_server(app: ASGIApp, host: str, port: int, *, lifespan: str = "off") -> EmbeddedServer:
+    return EmbeddedServer(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            lifespan=lifespan,  # type: ignore[arg-type]
+            log_config=None,
+            access_log=False,
+            server_header=False,
+        )
     )

@@ -44,7 +44,9 @@ class Topology:
 
     async def declare(self, channel: AbstractChannel) -> list[AbstractQueue]:
         """Declare every shard queue (durable), in shard order."""
-        return [
-            await channel.declare_queue(name, durable=True, arguments=self.queue_arguments)
-            for name in self.queue_names
-        ]
+        return [await self.declare_one(channel, shard) for shard in range(self.shards_count)]
+
+    async def declare_one(self, channel: AbstractChannel, shard: int) -> AbstractQueue:
+        return await channel.declare_queue(
+            self.queue_name(shard), durable=True, arguments=self.queue_arguments
+        )

@@ -1,0 +1,46 @@
+"""The one place deliveries are settled.
+
+A delivery is acked when every one of its entries is in a durably written file (or, for a
+message with no valid entries, when its body is kept under .rejected/). The ack cannot be
+interrupted by cancellation. An ack that fails because its channel died is not an error:
+the broker redelivers the message (so its entries may be written twice: at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.common.broker import CONNECTIVITY_ERRORS
+from services.consumer.batch import Batch, Delivery
+from services.consumer.metrics import ConsumerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Acker:
+    def __init__(self, metrics: ConsumerMetrics) -> None:
+        self._metrics = metrics
+        self.acked = 0
+
+    async def batch_written(self, batch: Batch) -> None:
+        for delivery, count in batch.sources:
+            if delivery.written(count):
+                await self.ack(delivery)
+
+    async def ack(self, delivery: Delivery) -> None:
+        try:
+            await asyncio.shield(delivery.message.ack())
+        except CONNECTIVITY_ERRORS as exc:
+            self._metrics.acks_lost.inc()
+            log.info("ack lost with its channel (%s); the broker will redeliver", exc)
+        else:
+            self.acked += 1
+
+    async def requeue(self, delivery: Delivery) -> None:
+        """Give a message back to the broker, for another attempt."""
+        try:
+            await asyncio.shield(delivery.message.nack(requeue=True))
+        except CONNECTIVITY_ERRORS as exc:
+            self._metrics.acks_lost.inc()
+            log.info("requeue lost with its channel (%s); the broker will redeliver", exc)

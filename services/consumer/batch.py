@@ -1,0 +1,132 @@
+"""Deliveries, batches and the batcher that fills a shard's shared batch.
+
+A delivery (one AMQP message) holds one or more entries; a batch holds at most BATCH_SIZE
+entries, from one or more deliveries, so a delivery's entries may span batches. Each
+delivery counts its entries not yet durably written; when the count reaches zero it is
+complete and can be acked (`acker.Acker`).
+
+The batcher seals the shared batch when it is full, or `max_wait` seconds after its first
+entry (on a timer, not only when the next entry comes), and hands sealed batches to the
+pool's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from services.common.schema import Entry
+
+
+@dataclass(eq=False, slots=True)
+class Delivery:
+    """One AMQP message and how many of its entries are not yet in a written file."""
+
+    message: AbstractIncomingMessage
+    pending: int
+    complete: bool = False
+
+    def written(self, count: int) -> bool:
+        """`count` more entries are durable; True when this completes the delivery."""
+        self.pending -= count
+        if self.pending == 0 and not self.complete:
+            self.complete = True
+            return True
+        return False
+
+
+@dataclass(eq=False, slots=True)
+class Batch:
+    """Entries bound for one file, and the deliveries they came from (with how many)."""
+
+    shard: int
+    entries: list[Entry] = field(default_factory=list)
+    sources: list[tuple[Delivery, int]] = field(default_factory=list)
+    attempts: int = 0
+    # A worker that times out is abandoned while its write may still be running in a
+    # thread: the write commits (renames) only if the batch was not abandoned, and the
+    # abandon succeeds only if it did not commit. The lock makes the two exclusive.
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _state: str = "open"  # open -> committed | abandoned
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, delivery: Delivery, entries: list[Entry]) -> None:
+        self.entries.extend(entries)
+        self.sources.append((delivery, len(entries)))
+
+    def commit(self) -> bool:
+        """Called by the writer just before the rename: False if it was abandoned."""
+        with self._lock:
+            if self._state == "abandoned":
+                return False
+            self._state = "committed"
+            return True
+
+    def abandon(self) -> bool:
+        """Called when its worker timed out: False if the write already committed."""
+        with self._lock:
+            if self._state == "committed":
+                return False
+            self._state = "abandoned"
+            return True
+
+    def retry(self) -> Batch:
+        """The same entries as a fresh batch for the next attempt. A fresh object, because
+        the abandoned write may still be running in its thread and must keep seeing
+        "abandoned"."""
+        return Batch(self.shard, self.entries, self.sources, self.attempts + 1)
+
+
+Seal = Callable[[Batch], None]
+
+
+class Batcher:
+    """Fills one shard's shared batch; `seal` receives each full or expired batch."""
+
+    def __init__(self, shard: int, batch_size: int, max_wait: float, seal: Seal) -> None:
+        self._shard = shard
+        self._size = batch_size
+        self._max_wait = max_wait
+        self._seal = seal
+        self._batch = Batch(shard)
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._batch)
+
+    def add(self, delivery: Delivery, entries: list[Entry]) -> None:
+        """Add a delivery's entries, sealing as many full batches as they fill."""
+        start = 0
+        while start < len(entries):
+            room = self._size - len(self._batch)
+            chunk = entries[start : start + room]
+            if not self._batch.entries:
+                self._start_timer()
+            self._batch.add(delivery, chunk)
+            start += len(chunk)
+            if len(self._batch) >= self._size:
+                self.flush()
+
+    def flush(self) -> None:
+        """Seal the current batch now, if it holds anything."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._batch.entries:
+            batch, self._batch = self._batch, Batch(self._shard)
+            self._seal(batch)
+
+    def _start_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._max_wait, self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        self.flush()

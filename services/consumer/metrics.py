@@ -1,0 +1,94 @@
+"""The consumer's Prometheus metrics. Labels are bounded: shard, worker (`<shard>-<slot>`,
+slot < WORKERS_MAX), direction, never a generation or a file name."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.common.metrics import LATENCY_BUCKETS, SIZE_BUCKETS
+
+
+class ConsumerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.processed = Counter(
+            "adp_worker_processed_entries_total",
+            "Entries written to batch files (and so acked), by worker.",
+            ["shard", "worker"],
+            registry=registry,
+        )
+        self.batches = Counter(
+            "adp_consumer_batches_written_total",
+            "Batch files written, by shard.",
+            ["shard"],
+            registry=registry,
+        )
+        self.batch_seconds = Histogram(
+            "adp_consumer_batch_write_duration_seconds",
+            "Time to write, fsync and rename one batch file.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_entries = Histogram(
+            "adp_consumer_batch_entries",
+            "Entries per batch file.",
+            buckets=SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "adp_consumer_queue_depth",
+            "Ready messages in the shard's queue at the last reading.",
+            ["shard"],
+            registry=registry,
+        )
+        self.workers = Gauge(
+            "adp_consumer_workers",
+            "Live workers in the shard's pool.",
+            ["shard"],
+            registry=registry,
+        )
+        self.scale_events = Counter(
+            "adp_consumer_scale_events_total",
+            "Pool size changes, by shard and direction (up, down).",
+            ["shard", "direction"],
+            registry=registry,
+        )
+        self.worker_timeouts = Counter(
+            "adp_consumer_worker_timeouts_total",
+            "Workers stopped for spending longer than WORKER_TIMEOUT_SECONDS on a batch.",
+            ["shard"],
+            registry=registry,
+        )
+        self.redeliveries = Counter(
+            "adp_consumer_redeliveries_total",
+            "Messages the broker delivered again (after a crash, a lost channel or a requeue).",
+            ["shard"],
+            registry=registry,
+        )
+        self.write_errors = Counter(
+            "adp_consumer_write_errors_total",
+            "Batch writes that failed (disk full, permissions); the batch is retried.",
+            ["shard"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "adp_consumer_rejected_messages_total",
+            "Messages that hold no valid entries, kept under .rejected/ and acked.",
+            ["shard"],
+            registry=registry,
+        )
+        self.acks_lost = Counter(
+            "adp_consumer_acks_lost_total",
+            "Acks that failed with their channel (the broker redelivers those messages).",
+            registry=registry,
+        )
+        self.buffered = Gauge(
+            "adp_consumer_pending_batches",
+            "Sealed batches waiting for a worker, by shard.",
+            ["shard"],
+            registry=registry,
+        )
+        self.broker_connected = Gauge(
+            "adp_consumer_broker_connected",
+            "1 while the consumer holds an open broker connection.",
+            registry=registry,
+        )

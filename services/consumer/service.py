@@ -1,0 +1,259 @@
+"""The consumer service: per shard a consumer channel (bounded prefetch), a batcher and a
+worker pool; an autoscaler over all pools; broker connection in the background.
+
+Lifecycle (an async context): entering starts the pools and the background connection;
+leaving drains — stop consuming, seal partial batches, wait (bounded by
+SHUTDOWN_TIMEOUT_SECONDS) for every batch to be written and acked, stop the workers, close
+the channels and the connection in reverse order, log one summary line. Whatever is not
+written by then stays unacked, and the broker redelivers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import Any
+
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+from prometheus_client import CollectorRegistry
+
+from services.common.broker import CONNECTIVITY_ERRORS, Broker
+from services.common.schema import InvalidEntries, parse_message
+from services.common.topology import Topology
+from services.consumer.acker import Acker
+from services.consumer.autoscaler import Autoscaler
+from services.consumer.batch import Batcher, Delivery
+from services.consumer.history import WorkerHistory
+from services.consumer.metrics import ConsumerMetrics
+from services.consumer.pool import Pool
+from services.consumer.settings import ConsumerSettings
+from services.consumer.sink import FileSink, Sink
+
+log = logging.getLogger(__name__)
+
+DIRECTORY_CHECK_SECONDS = 5.0
+
+
+class BrokerDepthProbe:
+    """Ready messages per shard queue, by a passive declare on a channel of its own."""
+
+    def __init__(self, topology: Topology) -> None:
+        self._topology = topology
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+
+    def attach(self, connection: AbstractRobustConnection) -> None:
+        self._connection = connection
+
+    async def depth(self, shard: int) -> int:
+        if self._connection is None or not self._connection.connected.is_set():
+            raise ConnectionError("broker not connected")
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self._connection.channel()
+        queue = await self._channel.declare_queue(
+            self._topology.queue_name(shard), passive=True, robust=False
+        )
+        return queue.declaration_result.message_count or 0
+
+
+class ConsumerService:
+    def __init__(
+        self,
+        settings: ConsumerSettings,
+        registry: CollectorRegistry,
+        *,
+        sink: Sink | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = ConsumerMetrics(registry)
+        self.history = WorkerHistory(settings.history_limit)
+        self.topology = Topology.from_settings(settings)
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.shards_count * settings.workers_max + 2,
+            thread_name_prefix="adp-write",
+        )
+        self.sink = sink or FileSink(settings.data_output_dir, settings.host_name, self._executor)
+        self.acker = Acker(self.metrics)
+        self.pools = [
+            Pool(
+                shard,
+                self.sink,
+                self.acker,
+                self.history,
+                self.metrics,
+                workers_min=settings.workers_min,
+                workers_max=settings.workers_max,
+                timeout=settings.worker_timeout_seconds,
+            )
+            for shard in range(settings.shards_count)
+        ]
+        self.batchers = [
+            Batcher(pool.shard, settings.batch_size, settings.batch_max_wait_seconds, pool.submit)
+            for pool in self.pools
+        ]
+        self._probe = BrokerDepthProbe(self.topology)
+        self._broker = Broker(
+            settings.rabbitmq_url,
+            name=f"adp-consumer-{settings.host_name}",
+            setup=self._attach,
+            connect_timeout=settings.broker_connect_timeout_seconds,
+            retry_max_seconds=settings.broker_retry_max_seconds,
+            redacted_url=settings.rabbitmq_url_redacted,
+        )
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._channels: list[AbstractChannel] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._directory_ok = True
+        self.metrics.broker_connected.set_function(lambda: float(self._broker.connected))
+
+    def not_ready(self) -> str | None:
+        """None when ready: connected, and batches can be written."""
+        if not self._broker.connected or not self._consumers:
+            return "broker not connected"
+        if not self._directory_ok or not all(pool.write_ok for pool in self.pools):
+            return f"output directory {self.settings.data_output_dir} not writable"
+        return None
+
+    async def __aenter__(self) -> ConsumerService:
+        cleaned = self.sink.prepare()
+        if cleaned:
+            log.info("removed %d unfinished temporary files of this host", cleaned)
+        for pool in self.pools:
+            pool.start()
+        await self._broker.__aenter__()
+        s = self.settings
+        autoscaler = Autoscaler(
+            self.pools,
+            self._probe,
+            self.metrics,
+            up=s.scale_up_backlog,
+            down=s.scale_down_backlog,
+            cooldown=s.scale_down_cooldown_seconds,
+            interval=s.scale_interval_seconds,
+        )
+        self._tasks = [
+            asyncio.create_task(autoscaler.run(), name="autoscaler"),
+            asyncio.create_task(self._watch_directory(), name="directory-check"),
+        ]
+        if s.history_log_interval_seconds:
+            self._tasks.append(asyncio.create_task(self._log_history(), name="history-log"))
+        log.info(
+            "consumer started: %d shards, %d..%d workers each, batches of %d, output %s",
+            s.shards_count,
+            s.workers_min,
+            s.workers_max,
+            s.batch_size,
+            s.data_output_dir,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_timeout_seconds
+        await self._stop_consuming()
+        drained = True
+        for batcher, pool in zip(self.batchers, self.pools, strict=True):
+            batcher.flush()
+            drained = await pool.drained(max(0.0, deadline - loop.time())) and drained
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for pool in self.pools:
+            await pool.stop()
+        left = sum(len(pool.queue) for pool in self.pools)
+        for channel in reversed(self._channels):
+            with contextlib.suppress(*CONNECTIVITY_ERRORS):
+                await channel.close()
+        await self._broker.__aexit__(exc_type, exc, tb)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        log.info("worker history at shutdown:\n%s", self.history.table())
+        log.info(
+            "consumer stopped%s: %d deliveries acked, %d batches left unwritten "
+            "(the broker redelivers them)",
+            "" if drained else " (drain timed out)",
+            self.acker.acked,
+            left,
+        )
+
+    async def _attach(self, connection: AbstractRobustConnection) -> None:
+        """Broker set-up, on the first connection: a channel per shard with a bounded
+        prefetch, its queue declared and consumed. aio-pika restores them on reconnect."""
+        self._probe.attach(connection)
+        prefetch = self.settings.prefetch
+        for shard in range(self.settings.shards_count):
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=prefetch)
+            queue = await self.topology.declare_one(channel, shard)
+            tag = await queue.consume(self._on_message_for(shard))
+            self._channels.append(channel)
+            self._consumers.append((queue, tag))
+
+    def _on_message_for(self, shard: int) -> Any:
+        batcher = self.batchers[shard]
+        redeliveries = self.metrics.redeliveries.labels(str(shard))
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            if message.redelivered:
+                redeliveries.inc()
+            try:
+                entries = parse_message(message.body)
+            except InvalidEntries as exc:
+                await self._reject(shard, message, str(exc))
+                return
+            batcher.add(Delivery(message, len(entries)), entries)
+
+        return on_message
+
+    async def _reject(self, shard: int, message: AbstractIncomingMessage, reason: str) -> None:
+        """A message with no valid entries: keep its body under .rejected/, then ack it."""
+        try:
+            name = await self.sink.reject(message.body, reason, message.message_id)
+        except OSError as exc:
+            log.warning("could not keep a rejected message (%s); requeueing it", exc)
+            await self.acker.requeue(Delivery(message, 0))
+            return
+        self.metrics.rejected.labels(str(shard)).inc()
+        log.warning(
+            "shard %d: message %s has no valid entries (%s); kept as %s",
+            shard,
+            message.message_id,
+            reason,
+            name,
+        )
+        await self.acker.ack(Delivery(message, 0))
+
+    async def _stop_consuming(self) -> None:
+        for queue, tag in self._consumers:
+            with contextlib.suppress(*CONNECTIVITY_ERRORS):
+                await queue.cancel(tag)
+
+    async def _watch_directory(self) -> None:
+        while True:
+            try:
+                await self.sink.check()
+            except OSError as exc:
+                if self._directory_ok:
+                    log.warning("output directory not writable: %s", exc)
+                self._directory_ok = False
+            else:
+                self._directory_ok = True
+            await asyncio.sleep(DIRECTORY_CHECK_SECONDS)
+
+    async def _log_history(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.history_log_interval_seconds)
+            log.info("worker history:\n%s", self.history.table())

@@ -1,0 +1,110 @@
+"""The consumer's settings (environment variables; `message-consumer --help` lists flags)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from services.common.settings import BrokerSettings
+
+
+class ConsumerSettings(BrokerSettings):
+    data_output_dir: Path = Field(
+        Path("./data_dump"), description="Directory the batch files are written to."
+    )
+    workers_min: int = Field(
+        3, ge=1, le=64, description="Workers per shard pool at start and at rest."
+    )
+    workers_max: int = Field(4, ge=1, le=64, description="Most workers per shard pool at any time.")
+    batch_size: int = Field(
+        5, ge=1, le=100_000, description="Entries per batch file (a file never holds more)."
+    )
+    batch_max_wait_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="Seconds after its first entry that a partial batch is written anyway.",
+    )
+    worker_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Seconds a worker may spend on one batch; past it the worker is stopped, its "
+            "batch handed to a fresh worker, nothing acked."
+        ),
+    )
+    prefetch_count: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description=(
+            "Unacknowledged messages per shard held at once (bounds memory); "
+            "0 = 2 x BATCH_SIZE x WORKERS_MAX, within 32..10000. Memory is bounded by "
+            "this times the largest message (the API's are at most "
+            "PUBLISH_MAX_MESSAGE_BYTES)."
+        ),
+    )
+    scale_up_backlog: int = Field(
+        100,
+        ge=1,
+        description="Ready messages in a shard queue at which its pool grows to WORKERS_MAX.",
+    )
+    scale_down_backlog: int = Field(
+        10,
+        ge=0,
+        description="Ready messages at or below which the backlog counts as shallow.",
+    )
+    scale_down_cooldown_seconds: float = Field(
+        15.0,
+        ge=0,
+        le=3600,
+        description="Seconds the backlog must stay shallow before the pool shrinks by one.",
+    )
+    scale_interval_seconds: float = Field(
+        1.0, gt=0, le=60, description="Seconds between queue-depth readings."
+    )
+    metrics_host: str = Field("0.0.0.0", description="Address of the consumer's HTTP server.")
+    metrics_port: int = Field(
+        9100,
+        ge=0,
+        le=65535,
+        description="Port of /metrics, /healthz, /readyz and /workers (0 = any free port).",
+    )
+    shutdown_timeout_seconds: float = Field(
+        20.0,
+        gt=0,
+        le=300,
+        description=(
+            "Longest drain on SIGTERM, in seconds: write and ack what was received "
+            "(keep below the pod's 30 s grace period)."
+        ),
+    )
+    history_log_interval_seconds: float = Field(
+        60.0, ge=0, description="Seconds between worker-history tables in the log (0 = never)."
+    )
+    history_limit: int = Field(
+        1000, ge=10, description="Stopped worker generations kept in /workers (oldest dropped)."
+    )
+    host_name: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        description="Name in every batch file, so replicas sharing a volume never collide "
+        "(default: the host name, which is the pod name on Kubernetes).",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ConsumerSettings:
+        if self.workers_min > self.workers_max:
+            raise ValueError("WORKERS_MIN must not exceed WORKERS_MAX")
+        if self.scale_down_backlog >= self.scale_up_backlog:
+            raise ValueError("SCALE_DOWN_BACKLOG must be below SCALE_UP_BACKLOG")
+        return self
+
+    @property
+    def prefetch(self) -> int:
+        # Acks follow the write, so filling one batch of one-entry messages needs
+        # BATCH_SIZE unacked deliveries: room for two batches per worker keeps all busy.
+        return self.prefetch_count or min(10_000, max(32, 2 * self.batch_size * self.workers_max))

@@ -1,0 +1,141 @@
+"""Batch files: JSON Lines, written to a temporary name, fsynced, renamed, the directory
+fsynced. A file under its final name is always complete.
+
+File name: `<host>_<shard>-<slot>_<UTC time>_<seq>.jsonl` (host = pod name, so replicas
+sharing a volume never collide). Temporary files and everything else the consumer keeps
+here start with "." (`.<name>.tmp`, `.rejected/`).
+
+The blocking work runs on the executor the sink is given (one thread per possible worker,
+so a slow disk delays only the batches on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import re
+from concurrent.futures import Executor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from pydantic_core import to_json
+
+from services.consumer.batch import Batch
+
+log = logging.getLogger(__name__)
+
+REJECTED_DIR = ".rejected"
+
+
+class Abandoned(Exception):
+    """The batch's worker timed out before the write committed; the file was not made."""
+
+
+class Sink(Protocol):
+    """Where batches go. `write` returns once the batch is durable (or raises OSError, or
+    `Abandoned`); it must commit through `batch.commit()` just before making it visible."""
+
+    def prepare(self) -> int:
+        """Make the destination ready at start-up; returns leftovers cleaned up."""
+
+    async def write(self, batch: Batch, worker: str) -> str: ...
+
+    async def reject(self, body: bytes, reason: str, message_id: str | None) -> str: ...
+
+    async def check(self) -> None:
+        """Raise OSError unless a file can be created in the output directory now."""
+
+
+def safe_host(name: str) -> str:
+    """A host name fit for file names: "_" separates fields, so it becomes "-"."""
+    return re.sub(r"[^A-Za-z0-9.-]", "-", name)[:63] or "host"
+
+
+class FileSink:
+    def __init__(self, directory: Path, host: str, executor: Executor) -> None:
+        self.directory = directory
+        self._host = safe_host(host)
+        self._executor = executor
+        self._seq = itertools.count(1)
+
+    def prepare(self) -> int:
+        """Create the directory; remove this host's temporary files left by a crash (their
+        deliveries were never acked, the broker redelivers them). Returns how many."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for stale in self.directory.glob(f".{self._host}_*.tmp"):
+            stale.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    async def write(self, batch: Batch, worker: str) -> str:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._write, batch, worker)
+
+    async def reject(self, body: bytes, reason: str, message_id: str | None) -> str:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._reject, body, reason, message_id)
+
+    async def check(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._check)
+
+    def _name(self, worker: str) -> str:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        return f"{self._host}_{worker}_{stamp}_{next(self._seq):08d}.jsonl"
+
+    def _write(self, batch: Batch, worker: str) -> str:
+        name = self._name(worker)
+        data = b"".join([to_json(entry) + b"\n" for entry in batch.entries])
+        final = self.directory / name
+        temporary = self.directory / f".{name}.tmp"
+        try:
+            _write_durably(temporary, data)
+            if not batch.commit():
+                raise Abandoned(name)
+            os.rename(temporary, final)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        _fsync_directory(self.directory)
+        return name
+
+    def _reject(self, body: bytes, reason: str, message_id: str | None) -> str:
+        """Keep an unreadable message's body (nothing is thrown away), then it can be acked."""
+        folder = self.directory / REJECTED_DIR
+        folder.mkdir(exist_ok=True)
+        name = f"{self._name('rejected')[:-6]}.json"
+        document = {"reason": reason, "message_id": message_id, "body": body.decode("latin-1")}
+        temporary = folder / f".{name}.tmp"
+        _write_durably(temporary, to_json(document))
+        os.rename(temporary, folder / name)
+        _fsync_directory(folder)
+        return name
+
+    def _check(self) -> None:
+        probe = self.directory / f".{self._host}_probe.tmp"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.close(fd)
+        probe.unlink()
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,48 @@
+"""`async-data-processor dev`: the API and the consumer in one process, for a laptop.
+
+The consumer's supervisor owns SIGTERM/SIGINT; on the first signal the API stops taking
+requests and finishes those in flight, then the consumer drains. Each keeps its own port
+and metrics (PORT, METRICS_PORT)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.api.app import create_app as create_api
+from services.api.settings import ApiSettings
+from services.common.http import embedded_server
+from services.common.runtime import tune_gc
+from services.consumer.runner import install_signal_handlers, serve
+from services.consumer.settings import ConsumerSettings
+
+log = logging.getLogger(__name__)
+
+
+def run(api: ApiSettings, consumer: ConsumerSettings) -> None:
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        api_server = embedded_server(create_api(api), api.host, api.port, lifespan="on")
+        api_server.config.timeout_graceful_shutdown = int(api.shutdown_timeout_seconds)
+        api_task = asyncio.create_task(api_server.serve(), name="api")
+
+        async def stop_api() -> None:
+            await stop.wait()
+            api_server.should_exit = True
+            await api_task
+
+        tune_gc()
+        log.info(
+            "dev: API on %s:%d, consumer metrics on port %d",
+            api.host,
+            api.port,
+            consumer.metrics_port,
+        )
+        # The API stops first, so every entry it accepted is in the queues before the
+        # consumer drains what it has received.
+        await asyncio.gather(serve(consumer, stop), stop_api())
+
+    import uvloop
+
+    uvloop.run(main())

@@ -1,0 +1,341 @@
+"""The consumer against the real RabbitMQ, in-process: files, acks, scaling, timeouts,
+faults."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aio_pika.abc import AbstractConnection
+from yarl import URL
+
+from services.common.topology import Topology
+from services.consumer.settings import ConsumerSettings
+from services.consumer.sink import FileSink
+from tests.support.consumer import RunningConsumer, SlowSink, run_consumer, written_lines
+from tests.support.polling import eventually
+from tests.support.publish import entries, publish
+from tests.support.queues import depth
+from tests.support.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.rabbitmq
+
+Settings = Callable[..., ConsumerSettings]
+
+
+@pytest.fixture
+def settings(rabbitmq_url: str, tmp_path: Path) -> Settings:
+    def make(topo: Topology, **overrides: Any) -> ConsumerSettings:
+        values: dict[str, Any] = {
+            "rabbitmq_url": rabbitmq_url,
+            "queue_prefix": topo.prefix,
+            "shards_count": topo.shards_count,
+            "data_output_dir": tmp_path / "out",
+            "metrics_host": "127.0.0.1",
+            "metrics_port": 0,
+            "batch_max_wait_seconds": 0.2,
+            "history_log_interval_seconds": 0,
+            "host_name": "testhost",
+            "scale_interval_seconds": 0.2,
+            **overrides,
+        }
+        return ConsumerSettings(**values)
+
+    return make
+
+
+async def lines_reach(directory: Path, count: int, timeout: float = 20) -> list[dict[str, Any]]:
+    async def probe() -> list[dict[str, Any]] | None:
+        found = written_lines(directory)
+        return found if len(found) >= count else None
+
+    result = await eventually(probe, timeout=timeout, what=f"{count} lines written")
+    assert result is not None
+    return result
+
+
+async def unacked(queue: str) -> int:
+    """Messages delivered but not acked (rabbitmqctl; the AMQP API cannot tell)."""
+    out = await asyncio.to_thread(
+        subprocess.run,
+        ["rabbitmqctl", "-q", "list_queues", "name", "messages_unacknowledged"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for line in out.stdout.splitlines():
+        name, _, count = line.partition("\t")
+        if name == queue:
+            return int(count)
+    return 0
+
+
+async def test_every_entry_written_once_in_files_of_at_most_batch_size(
+    settings: Settings, topology: Callable[..., Topology], amqp: AbstractConnection
+) -> None:
+    topo = topology()
+    sent = entries(600, "n")
+    config = settings(topo, batch_size=7)
+    await publish(amqp, topo, sent[:300], per_message=4)
+    async with run_consumer(config) as consumer:
+        await publish(amqp, topo, sent[300:], per_message=1)
+        lines = await lines_reach(config.data_output_dir, len(sent))
+        await eventually(lambda: _all_empty(amqp, topo), timeout=10, what="every message acked")
+        workers = (await consumer.http.get("/workers")).json()["workers"]
+    assert Counter(e["value"] for e in lines) == Counter(e["value"] for e in sent)
+    files = list(config.data_output_dir.glob("*.jsonl"))
+    assert all(len(f.read_text().splitlines()) <= 7 for f in files)
+    assert all(
+        f.name.startswith("testhost_") and f.name.split("_")[1].count("-") == 1 for f in files
+    )
+    assert not [p for p in config.data_output_dir.iterdir() if p.name.startswith(".")]
+    assert sum(w["entries"] for w in workers) == len(sent)
+    assert {w["id"] for w in workers} >= {f"{s}-{k}" for s in range(5) for k in range(3)}
+
+
+async def _all_empty(amqp: AbstractConnection, topo: Topology) -> bool:
+    for name in topo.queue_names:
+        if await depth(amqp, name) or await unacked(name):
+            return False
+    return True
+
+
+async def test_partial_batch_is_written_after_the_max_wait_without_more_traffic(
+    settings: Settings, topology: Callable[..., Topology], amqp: AbstractConnection
+) -> None:
+    topo = topology(shards_count=1)
+    config = settings(topo, batch_size=100, batch_max_wait_seconds=1.0)
+    async with run_consumer(config):
+        await asyncio.sleep(0.5)  # consumer attached
+        sent_at = time.monotonic()
+        await publish(amqp, topo, entries(3, "p"), per_message=3)
+        await lines_reach(config.data_output_dir, 3, timeout=5)
+        waited = time.monotonic() - sent_at
+    assert 0.8 <= waited <= 3.0
+
+
+async def test_a_delivery_spanning_two_batches_is_acked_after_both(
+    settings: Settings, topology: Callable[..., Topology], amqp: AbstractConnection
+) -> None:
+    topo = topology(shards_count=1)
+    config = settings(topo, batch_size=3, batch_max_wait_seconds=3.0)
+    async with run_consumer(config):
+        await publish(amqp, topo, entries(5, "s"), per_message=5)
+        await lines_reach(config.data_output_dir, 3, timeout=5)  # the full batch
+        assert await unacked(topo.queue_name(0)) == 1  # the rest still waits its timer
+        await lines_reach(config.data_output_dir, 5, timeout=6)
+
+        async def acked() -> bool:
+            return await unacked(topo.queue_name(0)) == 0
+
+        await eventually(acked, timeout=5, what="delivery acked")
+    assert len(list(config.data_output_dir.glob("*.jsonl"))) == 2
+
+
+async def test_go_originals_one_entry_messages_are_drained(
+    settings: Settings, topology: Callable[..., Topology], amqp: AbstractConnection
+) -> None:
+    topo = topology()
+    sent = entries(40, "go")
+    await publish(amqp, topo, sent, single_objects=True)
+    config = settings(topo)
+    async with run_consumer(config):
+        lines = await lines_reach(config.data_output_dir, len(sent))
+    assert sorted(e["value"] for e in lines) == sorted(e["value"] for e in sent)
+
+
+async def test_a_message_without_valid_entries_is_kept_aside_and_acked(
+    settings: Settings, topology: Callable[..., Topology], amqp: AbstractConnection
+) -> None:
+    import aio_pika
+
+    topo = topology(shards_count=1)
+    config = settings(topo)
+    async with amqp.channel() as channel:
+        await topo.declare(channel)
+        for body in (b"not json", b"[]", b'[{"timestamp": "yesterday"}]'):
+            await channel.default_exchange.publish(
+                aio_pika.Message(body), routing_key=topo.queue_name(0)
+            )
+    async with run_consumer(config) as consumer:
+        rejected = config.data_output_dir / ".rejected"
+
+        async def kept() -> bool:
+            return rejected.exists() and len(list(rejected.glob("*.json"))) == 3
+
+        await eventually(kept, timeout=10, what="3 rejected messages kept")
+        metrics = (await consumer.http.get("/metrics")).text
+    assert await depth(amqp, topo.queue_name(0)) == 0
+    assert 'adp_consumer_rejected_messages_total{shard="0"} 3.0' in metrics
+    assert written_lines(config.data_output_dir) == []
+
+
+async def test_backlog_grows_the_pool_to_max_then_it_shrinks_back(
+    settings: Settings,
+    topology: Callable[..., Topology],
+    amqp: AbstractConnection,
+    tmp_path: Path,
+) -> None:
+    topo = topology(shards_count=1)
+    config = settings(
+        topo,
+        batch_size=5,
+        prefetch_count=20,
+        scale_up_backlog=50,
+        scale_down_backlog=5,
+        scale_down_cooldown_seconds=1.5,
+    )
+    await publish(amqp, topo, entries(1500, "b"), per_message=1)
+    with ThreadPoolExecutor(8) as executor:
+        sink = SlowSink(FileSink(config.data_output_dir, "testhost", executor), delay=0.02)
+        async with run_consumer(config, sink=sink) as consumer:
+            samples: list[int] = []
+
+            async def sample_until(predicate: Callable[[int], bool], timeout: float) -> None:
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    samples.append(consumer.live()[0])
+                    if predicate(samples[-1]):
+                        return
+                    await asyncio.sleep(0.02)
+                raise AssertionError(f"pool size never matched; samples end {samples[-20:]}")
+
+            await sample_until(lambda live: live == 4, timeout=15)
+            await lines_reach(config.data_output_dir, 1500, timeout=60)
+            await sample_until(lambda live: live == 3, timeout=15)
+            workers = (await consumer.http.get("/workers")).json()["workers"]
+    assert set(samples) == {3, 4}
+    assert [w for w in workers if w["stop_reason"] == "scale-down"]
+    assert samples[0] == 3
+
+
+async def test_a_batch_slower_than_the_timeout_is_written_once_by_a_fresh_worker(
+    settings: Settings, topology: Callable[..., Topology], amqp: AbstractConnection
+) -> None:
+    topo = topology(shards_count=1)
+    config = settings(topo, batch_size=5, worker_timeout_seconds=0.5)
+    with ThreadPoolExecutor(4) as executor:
+        sink = SlowSink(FileSink(config.data_output_dir, "testhost", executor), 2.0, 1)
+        async with run_consumer(config, sink=sink) as consumer:
+            await publish(amqp, topo, entries(5, "t"), per_message=5)
+            lines = await lines_reach(config.data_output_dir, 5, timeout=10)
+            await asyncio.sleep(2.0)  # the abandoned write would have finished by now
+            workers = (await consumer.http.get("/workers")).json()["workers"]
+            metrics = (await consumer.http.get("/metrics")).text
+    assert sorted(e["value"] for e in written_lines(config.data_output_dir)) == sorted(
+        e["value"] for e in lines
+    )
+    assert len(lines) == 5
+    timed_out = [w for w in workers if w["stop_reason"] == "timeout"]
+    assert len(timed_out) == 1
+    fresh = [w for w in workers if w["id"] == timed_out[0]["id"] and w["generation"] == 2]
+    assert fresh
+    assert fresh[0]["stopped_at"] is None
+    assert 'adp_consumer_worker_timeouts_total{shard="0"} 1.0' in metrics
+    assert [w for w in workers if w["entries"] == 5]
+
+
+@pytest.fixture
+def small_volume(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs the test can make read-only and writable again."""
+    mountpoint = tmp_path / "volume"
+    mountpoint.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode:
+        pytest.fail(f"this test mounts a tmpfs and could not: {result.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def remount(mountpoint: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(mountpoint)], check=True)
+
+
+async def test_unwritable_output_acks_nothing_and_resumes_when_writable(
+    settings: Settings,
+    topology: Callable[..., Topology],
+    amqp: AbstractConnection,
+    small_volume: Path,
+) -> None:
+    topo = topology(shards_count=1)
+    out = small_volume / "out"
+    out.mkdir()
+    config = settings(topo, data_output_dir=out, batch_size=5)
+    async with run_consumer(config) as consumer:
+        await eventually(_ready(consumer), timeout=10, what="consumer ready")
+        remount(small_volume, "ro")
+        try:
+            await publish(amqp, topo, entries(5, "ro"), per_message=5)
+
+            async def not_ready() -> bool:
+                return (await consumer.http.get("/readyz")).status_code == 503
+
+            await eventually(not_ready, timeout=10, what="readiness false")
+            assert await unacked(topo.queue_name(0)) == 1
+            assert written_lines(out) == []
+        finally:
+            remount(small_volume, "rw")
+        await lines_reach(out, 5, timeout=15)
+        await eventually(_ready(consumer), timeout=15, what="ready again")
+    assert await unacked(topo.queue_name(0)) == 0
+    assert await depth(amqp, topo.queue_name(0)) == 0
+
+
+def _ready(consumer: RunningConsumer) -> Callable[[], Any]:
+    async def probe() -> bool:
+        return (await consumer.http.get("/readyz")).status_code == 200
+
+    return probe
+
+
+@pytest.fixture
+async def proxy(rabbitmq_url: str) -> AsyncIterator[TcpProxy]:
+    url = URL(rabbitmq_url)
+    the_proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5672)
+    await the_proxy.start()
+    yield the_proxy
+    await the_proxy.cut()
+
+
+async def test_broker_lost_and_back_the_consumer_resumes_by_itself(
+    settings: Settings,
+    topology: Callable[..., Topology],
+    amqp: AbstractConnection,
+    proxy: TcpProxy,
+    rabbitmq_url: str,
+) -> None:
+    topo = topology(shards_count=1)
+    via = str(URL(rabbitmq_url).with_host("127.0.0.1").with_port(proxy.port))
+    config = settings(topo, rabbitmq_url=via)
+    async with run_consumer(config) as consumer:
+        await eventually(_ready(consumer), timeout=10, what="consumer ready")
+        await publish(amqp, topo, entries(5, "before"), per_message=5)
+        await lines_reach(config.data_output_dir, 5)
+        await proxy.cut()
+
+        async def not_ready() -> bool:
+            return (await consumer.http.get("/readyz")).status_code == 503
+
+        await eventually(not_ready, timeout=10, what="not ready without broker")
+        await publish(amqp, topo, entries(5, "during"), per_message=5)
+        await proxy.start()
+        lines = await lines_reach(config.data_output_dir, 10, timeout=30)
+        async with amqp.channel() as channel:
+            queue = await channel.declare_queue(topo.queue_name(0), passive=True)
+            assert queue.declaration_result.consumer_count == 1  # not 0 after recovery
+    assert {e["value"] for e in lines} == {e["value"] for e in entries(5, "before")} | {
+        e["value"] for e in entries(5, "during")
+    }

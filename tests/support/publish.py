@@ -1,0 +1,55 @@
+"""Filling shard queues directly, as the API (arrays) or the Go original (one object) did."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractConnection
+
+from services.common.sharding import shard_of
+from services.common.topology import Topology
+
+
+def entries(n: int, tag: str, start: int = 0) -> list[dict[str, Any]]:
+    """n entries with distinct values; timestamps spread over the seconds of a minute."""
+    return [
+        {"timestamp": f"2019-10-12T07:20:{i % 60:02d}.52Z", "value": f"{tag}-{i}"}
+        for i in range(start, start + n)
+    ]
+
+
+async def publish(
+    connection: AbstractConnection,
+    topo: Topology,
+    items: list[dict[str, Any]],
+    *,
+    per_message: int = 1,
+    single_objects: bool = False,
+) -> None:
+    """Publish entries to their shard queues: arrays of `per_message` entries, or one bare
+    object per message (the Go original's format)."""
+    by_shard: dict[int, list[dict[str, Any]]] = {}
+    for item in items:
+        by_shard.setdefault(shard_of(item["timestamp"], topo.shards_count), []).append(item)
+    step = 1 if single_objects else per_message
+    async with connection.channel(publisher_confirms=True) as channel:
+        await topo.declare(channel)
+        sends = []
+        for shard, group in by_shard.items():
+            for i in range(0, len(group), step):
+                chunk = group[i : i + step]
+                body = json.dumps(chunk[0] if single_objects else chunk).encode()
+                message = aio_pika.Message(
+                    body,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=uuid.uuid4().hex,
+                )
+                sends.append(
+                    channel.default_exchange.publish(message, routing_key=topo.queue_name(shard))
+                )
+        for i in range(0, len(sends), 500):  # confirms awaited 500 at a time
+            await asyncio.gather(*sends[i : i + 500])
