@@ -1,0 +1,145 @@
+"""`async-data-processor message-consumer` and `dev` as real processes: SIGTERM drains,
+kill -9 loses nothing, the dev command carries an entry from HTTP to a file."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from aio_pika.abc import AbstractConnection
+
+from services.common.topology import Topology
+from tests.support.consumer import written_lines
+from tests.support.net import free_port
+from tests.support.polling import eventually
+from tests.support.process import ServiceProcess
+from tests.support.publish import entries, publish
+from tests.support.queues import depth
+
+pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq]
+
+
+def consumer_env(topo: Topology, out: Path, port: int, rabbitmq_url: str) -> dict[str, str]:
+    return {
+        "RABBITMQ_URL": rabbitmq_url,
+        "QUEUE_PREFIX": topo.prefix,
+        "SHARDS_COUNT": str(topo.shards_count),
+        "DATA_OUTPUT_DIR": str(out),
+        "METRICS_PORT": str(port),
+        "METRICS_HOST": "127.0.0.1",
+        "BATCH_SIZE": "5",
+        "BATCH_MAX_WAIT_SECONDS": "0.3",
+        "SHUTDOWN_TIMEOUT_SECONDS": "10",
+        "HOST_NAME": "e2e",
+    }
+
+
+async def feed(amqp: AbstractConnection, topo: Topology, total: int, tag: str) -> None:
+    """Publish `total` entries in small steps, as a steady stream."""
+    for start in range(0, total, 200):
+        await publish(amqp, topo, entries(200, tag, start), per_message=2)
+        await asyncio.sleep(0.05)
+
+
+async def drained(amqp: AbstractConnection, topo: Topology) -> bool:
+    return all([await depth(amqp, name) == 0 for name in topo.queue_names])
+
+
+async def test_sigterm_mid_stream_drains_within_the_bound_and_loses_nothing(
+    topology: Callable[..., Topology], amqp: AbstractConnection, tmp_path: Path, rabbitmq_url: str
+) -> None:
+    topo = topology()
+    out = tmp_path / "out"
+    port = free_port()
+    env = consumer_env(topo, out, port, rabbitmq_url)
+    total = 4000
+    with ServiceProcess("message-consumer", env, tmp_path / "c1.log") as proc:
+        await proc.wait_ready(f"http://127.0.0.1:{port}")
+        feeding = asyncio.create_task(feed(amqp, topo, total, "term"))
+        await eventually(lambda: _at_least(out, 500), timeout=20, what="consumer mid-stream")
+        started = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 15)
+        took = time.monotonic() - started
+        await feeding
+    assert code == 0, proc.log
+    assert took < 10.5
+    assert "consumer stopped" in proc.log
+    first_run = Counter(e["value"] for e in written_lines(out))
+    assert max(first_run.values()) == 1
+
+    with ServiceProcess("message-consumer", env, tmp_path / "c2.log") as proc:
+        await proc.wait_ready(f"http://127.0.0.1:{port}")
+        await eventually(lambda: _at_least(out, total), timeout=30, what="all entries")
+        await eventually(lambda: drained(amqp, topo), timeout=10, what="queues drained")
+        proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+    written = Counter(e["value"] for e in written_lines(out))
+    assert set(written) == {e["value"] for e in entries(total, "term")}
+    assert max(written.values()) == 1  # a clean drain acked everything it wrote
+
+
+async def test_kill_9_mid_stream_then_restart_loses_no_entry(
+    topology: Callable[..., Topology], amqp: AbstractConnection, tmp_path: Path, rabbitmq_url: str
+) -> None:
+    topo = topology()
+    out = tmp_path / "out"
+    port = free_port()
+    env = consumer_env(topo, out, port, rabbitmq_url)
+    total = 4000
+    feeding = asyncio.create_task(feed(amqp, topo, total, "kill"))
+    for round_ in range(2):
+        with ServiceProcess("message-consumer", env, tmp_path / f"k{round_}.log") as proc:
+            await proc.wait_ready(f"http://127.0.0.1:{port}")
+            target = len(written_lines(out)) + 300
+
+            async def progressed(target: int = target) -> bool:
+                return await _at_least(out, target)
+
+            await eventually(progressed, timeout=20, what="progress")
+            proc.signal(signal.SIGKILL)
+            proc.wait(10)
+    await feeding
+    with ServiceProcess("message-consumer", env, tmp_path / "final.log") as proc:
+        await proc.wait_ready(f"http://127.0.0.1:{port}")
+        await eventually(lambda: _at_least(out, total), timeout=30, what="all entries")
+        await eventually(lambda: drained(amqp, topo), timeout=10, what="queues drained")
+        proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+    written = Counter(e["value"] for e in written_lines(out))
+    assert set(written) == {e["value"] for e in entries(total, "kill")}  # none lost
+    assert not list(out.glob(".*.tmp"))
+
+
+async def _at_least(out: Path, count: int) -> bool:
+    return len(written_lines(out)) >= count
+
+
+async def test_dev_runs_api_and_consumer_in_one_process(
+    topology: Callable[..., Topology], tmp_path: Path, rabbitmq_url: str
+) -> None:
+    topo = topology()
+    out = tmp_path / "out"
+    api_port, metrics_port = free_port(), free_port()
+    env = {
+        **consumer_env(topo, out, metrics_port, rabbitmq_url),
+        "PORT": str(api_port),
+        "HOST": "127.0.0.1",
+    }
+    sent = entries(12, "dev")
+    with ServiceProcess("dev", env, tmp_path / "dev.log") as proc:
+        await proc.wait_ready(f"http://127.0.0.1:{api_port}")
+        await proc.wait_ready(f"http://127.0.0.1:{metrics_port}")
+        async with httpx.AsyncClient() as client:
+            response = await client.post(f"http://127.0.0.1:{api_port}/message", json=sent)
+        assert response.status_code == 201
+        await eventually(lambda: _at_least(out, len(sent)), timeout=10, what="entries on disk")
+        proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 15) == 0, proc.log
+    assert sorted(e["value"] for e in written_lines(out)) == sorted(e["value"] for e in sent)
