@@ -17,9 +17,9 @@ install: $(STAMP)
 broker:
 	scripts/ensure-rabbitmq.sh
 
-## run: install, make sure RabbitMQ answers, run the API on PORT (default 8080)
+## run: install, make sure RabbitMQ answers, run API (PORT 8080) and consumer (METRICS_PORT 9100)
 run: install broker
-	$(BIN)/async-data-processor server
+	$(BIN)/async-data-processor dev
 
 ## test: install, make sure RabbitMQ answers, lint and type-check, run every test
 test: install broker lint
@@ -35,10 +35,11 @@ lint: install
 unit: install
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-## bench: the API load benchmark (not part of `make test`); needs wrk
+## bench: the API load and consumer drain benchmarks (not part of `make test`); needs wrk
 bench: install broker
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(BIN)/python -m bench.api_load $(BENCH_ARGS)
+	$(BIN)/python -m bench.api_load --repeat 3 $(BENCH_ARGS)
+	$(BIN)/python -m bench.consumer_drain
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -50,7 +50,8 @@ class ConsumerSettings(BrokerSettings):
     scale_up_backlog: int = Field(
         100,
         ge=1,
-        description="Ready messages in a shard queue at which its pool grows to WORKERS_MAX.",
+        description="Ready messages in a shard queue at or above which its pool grows, one "
+        "worker per reading, up to WORKERS_MAX.",
     )
     scale_down_backlog: int = Field(
         10,

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.api.settings import ApiSettings
+from services.consumer.settings import ConsumerSettings
 
 README = Path(__file__).parents[2] / "README.md"
 
 
 def test_readme_documents_every_setting() -> None:
     text = README.read_text()
-    missing = [name.upper() for name in ApiSettings.model_fields if f"`{name.upper()}`" not in text]
+    names = {*ApiSettings.model_fields, *ConsumerSettings.model_fields}
+    missing = [name.upper() for name in sorted(names) if f"`{name.upper()}`" not in text]
     assert not missing, f"README configuration table lacks {missing}"
 
 

@@ -1,0 +1,206 @@
+"""Consumer drain benchmark: pre-fill the shard queues, then time the real
+`async-data-processor message-consumer` draining them to batch files, against a bare
+aio-pika consumer that acks without writing (the ceiling), in the same run.
+
+    python -m bench.consumer_drain [--entries 200000] [--per-message 1,100]
+                                   [--batch-sizes 5,1000] [--backlog 1000000]
+
+Prints entries/s per case, the share of the bare consumer's rate, and the consumer's RSS
+sampled while a large backlog (--backlog entries) waits and drains. Queues and files it
+makes are deleted. Not part of `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import aio_pika
+
+from bench.api_load import body
+from tests.support.net import free_port
+
+RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+SHARDS = 5
+
+
+async def fill(prefix: str, entries: int, per_message: int) -> int:
+    """Publish `entries` entries in messages of `per_message`, spread over the shards."""
+    payload = body(per_message).encode()
+    messages = entries // per_message
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    async with connection, connection.channel(publisher_confirms=True) as channel:
+        for shard in range(SHARDS):
+            await channel.declare_queue(f"{prefix}{shard}", durable=True)
+        for start in range(0, messages, 1000):
+            await asyncio.gather(
+                *(
+                    channel.default_exchange.publish(
+                        aio_pika.Message(payload, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                        routing_key=f"{prefix}{i % SHARDS}",
+                    )
+                    for i in range(start, min(start + 1000, messages))
+                )
+            )
+    return messages
+
+
+async def delete(prefix: str) -> None:
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    async with connection, connection.channel() as channel:
+        for shard in range(SHARDS):
+            await channel.queue_delete(f"{prefix}{shard}")
+
+
+def processed(port: int) -> float:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:  # noqa: S310
+            text = r.read().decode()
+    except OSError:
+        return 0.0
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("adp_worker_processed_entries_total{")
+    )
+
+
+def ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:  # noqa: S310
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def drain_consumer(
+    prefix: str, entries: int, batch_size: int, out: Path, sample_rss: bool = False
+) -> tuple[float, list[float]]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "RABBITMQ_URL": RABBITMQ_URL,
+        "QUEUE_PREFIX": prefix,
+        "SHARDS_COUNT": str(SHARDS),
+        "DATA_OUTPUT_DIR": str(out),
+        "METRICS_PORT": str(port),
+        "BATCH_SIZE": str(batch_size),
+        "LOG_LEVEL": "WARNING",
+        "HISTORY_LOG_INTERVAL_SECONDS": "0",
+    }
+    script = Path(sys.executable).parent / "async-data-processor"
+    proc = subprocess.Popen(
+        [str(script), "message-consumer"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    samples: list[float] = []
+    try:
+        while not ready(port):  # connected: timed from here, as the bare consumer is
+            if proc.poll() is not None:
+                raise SystemExit("the consumer exited")
+            time.sleep(0.005)
+        started = time.monotonic()
+        while processed(port) < entries:
+            if proc.poll() is not None:
+                raise SystemExit("the consumer exited")
+            if sample_rss:
+                samples.append(rss_mib(proc.pid))
+            time.sleep(0.5 if sample_rss else 0.02)
+        elapsed = time.monotonic() - started
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return entries / elapsed, samples
+
+
+def drain_bare(prefix: str, messages: int, entries: int, prefetch: int) -> float:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.bare_consumer",
+            RABBITMQ_URL,
+            prefix,
+            str(SHARDS),
+            str(prefetch),
+            str(messages),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return entries / float(out.strip())
+
+
+def prefetch_for(batch_size: int) -> int:
+    return min(10_000, max(32, 2 * batch_size * 4))  # the consumer's default
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--entries", type=int, default=200_000)
+    parser.add_argument("--per-message", default="1,100")
+    parser.add_argument("--batch-sizes", default="5,1000")
+    parser.add_argument("--backlog", type=int, default=1_000_000)
+    args = parser.parse_args()
+    rows = []
+    for per_message in (int(x) for x in args.per_message.split(",")):
+        for batch_size in (int(x) for x in args.batch_sizes.split(",")):
+            prefix = f"adp_bench_{uuid.uuid4().hex[:8]}_"
+            out = Path(tempfile.mkdtemp(prefix="adp-bench-"))
+            try:
+                messages = asyncio.run(fill(prefix, args.entries, per_message))
+                bare = drain_bare(prefix, messages, args.entries, prefetch_for(batch_size))
+                asyncio.run(fill(prefix, args.entries, per_message))
+                rate, _ = drain_consumer(prefix, args.entries, batch_size, out)
+                files = len(list(out.glob("*.jsonl")))
+            finally:
+                asyncio.run(delete(prefix))
+                shutil.rmtree(out, ignore_errors=True)
+            rows.append((per_message, batch_size, bare, rate, files))
+    print(
+        f"{'entries/msg':>11} {'BATCH_SIZE':>10} {'bare e/s':>10} {'consumer e/s':>12} "
+        f"{'share':>6} {'files':>7}"
+    )
+    for per_message, batch_size, bare, rate, files in rows:
+        print(
+            f"{per_message:>11} {batch_size:>10} {bare:>10.0f} {rate:>12.0f} "
+            f"{rate / bare:>6.0%} {files:>7}"
+        )
+    if args.backlog:
+        prefix = f"adp_bench_{uuid.uuid4().hex[:8]}_"
+        out = Path(tempfile.mkdtemp(prefix="adp-bench-"))
+        try:
+            asyncio.run(fill(prefix, args.backlog, 100))
+            rate, samples = drain_consumer(prefix, args.backlog, 5, out, sample_rss=True)
+        finally:
+            asyncio.run(delete(prefix))
+            shutil.rmtree(out, ignore_errors=True)
+        print(
+            f"backlog of {args.backlog} entries (100 per message), BATCH_SIZE 5: drained at "
+            f"{rate:.0f} entries/s; consumer RSS MiB min {min(samples):.1f}, "
+            f"max {max(samples):.1f} over {len(samples)} samples "
+            f"(first {samples[:3]}, last {samples[-3:]})"
+        )
+
+
+if __name__ == "__main__":
+    main()
