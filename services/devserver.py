@@ -26,11 +26,19 @@ def run(api: ApiSettings, consumer: ConsumerSettings) -> None:
         api_server = embedded_server(create_api(api), api.host, api.port, lifespan="on")
         api_server.config.timeout_graceful_shutdown = int(api.shutdown_timeout_seconds)
         api_task = asyncio.create_task(api_server.serve(), name="api")
+        consumer_stop = asyncio.Event()
 
-        async def stop_api() -> None:
-            await stop.wait()
+        async def stop_api_then_consumer() -> None:
+            # The API stops first, so every entry it accepted is in the queues; then the
+            # consumer drains what it has received (the rest waits in the queues).
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({stopping, api_task}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
             api_server.should_exit = True
-            await api_task
+            try:
+                await api_task  # raises if the API could not start (port taken, ...)
+            finally:
+                consumer_stop.set()
 
         tune_gc()
         log.info(
@@ -39,9 +47,7 @@ def run(api: ApiSettings, consumer: ConsumerSettings) -> None:
             api.port,
             consumer.metrics_port,
         )
-        # The API stops first, so every entry it accepted is in the queues before the
-        # consumer drains what it has received.
-        await asyncio.gather(serve(consumer, stop), stop_api())
+        await asyncio.gather(serve(consumer, consumer_stop), stop_api_then_consumer())
 
     import uvloop
 

@@ -210,6 +210,9 @@ class Pool:
         try:
             async with asyncio.timeout(self._timeout):
                 await self._sink.write(batch, record.id)
+        except asyncio.CancelledError:
+            batch.abandon()  # stopped mid-write: a late finish must not make a file
+            raise
         except TimeoutError:
             if batch.abandon():
                 self._metrics.worker_timeouts.labels(self._label).inc()
@@ -229,7 +232,8 @@ class Pool:
             return "retry"
         self.write_ok = True
         self._errors_in_a_row = 0
-        await self._acker.batch_written(batch)
+        # Settling is not interrupted by a cancellation (shutdown, retirement).
+        await asyncio.shield(self._acker.batch_written(batch))
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
         self._metrics.batch_entries.observe(len(batch))
         self._metrics.batches.labels(self._label).inc()

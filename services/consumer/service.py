@@ -191,16 +191,18 @@ class ConsumerService:
 
     async def _attach(self, connection: AbstractRobustConnection) -> None:
         """Broker set-up, on the first connection: a channel per shard with a bounded
-        prefetch, its queue declared and consumed. aio-pika restores them on reconnect."""
-        self._probe.attach(connection)
-        prefetch = self.settings.prefetch
+        prefetch, its queue declared and consumed. aio-pika restores them on reconnect.
+        Nothing is kept unless every shard is set up (a failed set-up is retried whole)."""
+        channels: list[AbstractChannel] = []
+        consumers: list[tuple[AbstractQueue, str]] = []
         for shard in range(self.settings.shards_count):
             channel = await connection.channel()
-            await channel.set_qos(prefetch_count=prefetch)
+            channels.append(channel)
+            await channel.set_qos(prefetch_count=self.settings.prefetch)
             queue = await self.topology.declare_one(channel, shard)
-            tag = await queue.consume(self._on_message_for(shard))
-            self._channels.append(channel)
-            self._consumers.append((queue, tag))
+            consumers.append((queue, await queue.consume(self._on_message_for(shard))))
+        self._probe.attach(connection)
+        self._channels, self._consumers = channels, consumers
 
     def _on_message_for(self, shard: int) -> Any:
         batcher = self.batchers[shard]
