@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 from services.api.app import create_app as create_api
 from services.api.settings import ApiSettings
 from services.common.http import embedded_server
 from services.common.runtime import tune_gc
-from services.consumer.runner import install_signal_handlers, serve
+from services.consumer.runner import exit_now, install_signal_handlers, serve
 from services.consumer.settings import ConsumerSettings
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def run(api: ApiSettings, consumer: ConsumerSettings) -> None:
         stop = asyncio.Event()
         install_signal_handlers(stop)
         api_server = embedded_server(create_api(api), api.host, api.port, lifespan="on")
-        api_server.config.timeout_graceful_shutdown = int(api.shutdown_timeout_seconds)
+        api_server.config.timeout_graceful_shutdown = math.ceil(api.shutdown_timeout_seconds)
         api_task = asyncio.create_task(api_server.serve(), name="api")
         consumer_stop = asyncio.Event()
 
@@ -52,3 +53,4 @@ def run(api: ApiSettings, consumer: ConsumerSettings) -> None:
     import uvloop
 
     uvloop.run(main())
+    exit_now()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import threading
 from collections.abc import Iterator
@@ -58,7 +59,7 @@ def uvicorn_config(settings: ApiSettings) -> uvicorn.Config:
         access_log=settings.access_log,
         server_header=False,
         proxy_headers=False,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_seconds),
     )
 
 

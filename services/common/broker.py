@@ -6,8 +6,9 @@ exponential backoff and a log line per attempt. Once the first connection is mad
 robust connection restores itself (and its channels) after a loss; `connected` tells the
 readiness probes the truth in between.
 
-`setup` runs on every fresh connection before it is called ready: each service declares
-its topology and opens its channels there.
+`setup` runs once, on the first connection, before it is called ready: each service
+declares its topology and opens its channels there; aio-pika's robust connection restores
+those channels (and their queues and consumers) after each reconnect.
 """
 
 from __future__ import annotations

@@ -30,6 +30,12 @@ class Delivery:
     pending: int
     complete: bool = False
 
+    @property
+    def stale(self) -> bool:
+        """Its channel is gone: it can no longer be acked, and the broker redelivers it, so
+        writing its entries now would only write them twice."""
+        return bool(self.message.channel.is_closed)
+
     def written(self, count: int) -> bool:
         """`count` more entries are durable; True when this completes the delivery."""
         self.pending -= count
@@ -75,6 +81,21 @@ class Batch:
                 return False
             self._state = "abandoned"
             return True
+
+    def without_stale(self) -> Batch:
+        """This batch without the entries of stale deliveries (itself if there are none).
+        A delivery's entries are contiguous in a batch, in the order of `sources`."""
+        if not any(delivery.stale for delivery, _ in self.sources):
+            return self
+        entries: list[Entry] = []
+        sources: list[tuple[Delivery, int]] = []
+        offset = 0
+        for delivery, count in self.sources:
+            if not delivery.stale:
+                entries.extend(self.entries[offset : offset + count])
+                sources.append((delivery, count))
+            offset += count
+        return Batch(self.shard, entries, sources, self.attempts)
 
     def retry(self) -> Batch:
         """The same entries as a fresh batch for the next attempt. A fresh object, because

@@ -3,11 +3,15 @@ live workers, all serving the shard's queue of sealed batches.
 
 A worker takes a batch, has the sink write it (bounded by WORKER_TIMEOUT_SECONDS), and
 hands it to the acker. Outcomes, each a named policy:
-- written: ack its deliveries, count it;
-- timeout: the worker generation ends ("timeout"), the batch goes back to the front of the
-  queue (nothing acked), the slot starts a fresh generation;
-- write error (OSError: disk full, permissions): the batch goes back to the front, the pool
-  reports itself unhealthy, the worker pauses (capped backoff) and tries again;
+- written: ack its deliveries (never before the sink has returned: the file is renamed
+  and its directory fsynced), count it;
+- timeout: the worker generation ends ("timeout") and the slot starts a fresh generation
+  whose first job is that batch (nothing was acked). The late write cannot make a file:
+  the batch is abandoned first. If the write had already committed (it is renaming), the
+  worker waits for it to finish and acks as usual instead;
+- write error (OSError: disk full, read-only, permissions): the batch goes back to the
+  front of the queue, nothing acked, the pool reports itself unhealthy, the worker pauses
+  (capped backoff) and goes on;
 - a bug (any other exception): the generation ends ("error"), the batch goes back, the slot
   restarts after a pause.
 A retiring worker (scale-down) finishes its batch first.
@@ -19,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from typing import Literal
 
 from services.consumer.acker import Acker
 from services.consumer.batch import Batch
@@ -29,23 +34,33 @@ from services.consumer.sink import Sink
 log = logging.getLogger(__name__)
 
 ERROR_PAUSE_MAX_SECONDS = 5.0
+Outcome = Literal["written", "retry", "timeout"]
 
 
 class BatchQueue:
-    """Sealed batches waiting for a worker; a batch put back goes to the front."""
+    """Sealed batches waiting for a worker; a batch put back goes to the front.
+
+    `pending` counts batches queued or handed to a worker that has not resumed yet, so a
+    drain never mistakes a hand-over for idleness."""
 
     def __init__(self) -> None:
         self._items: deque[Batch] = deque()
         self._getters: deque[asyncio.Future[Batch]] = deque()
+        self._handed = 0
 
     def __len__(self) -> int:
         return len(self._items)
+
+    @property
+    def pending(self) -> int:
+        return len(self._items) + self._handed
 
     def put(self, batch: Batch, *, front: bool = False) -> None:
         while self._getters:
             getter = self._getters.popleft()
             if not getter.done():
                 getter.set_result(batch)
+                self._handed += 1
                 return
         if front:
             self._items.appendleft(batch)
@@ -58,19 +73,23 @@ class BatchQueue:
         getter: asyncio.Future[Batch] = asyncio.get_running_loop().create_future()
         self._getters.append(getter)
         try:
-            return await getter
+            batch = await getter
         except asyncio.CancelledError:
             if getter.done() and not getter.cancelled():
+                self._handed -= 1
                 self.put(getter.result(), front=True)  # handed over as we were cancelled
             raise
+        self._handed -= 1
+        return batch
 
 
 class _Worker:
-    __slots__ = ("busy", "record", "retiring", "task")
+    __slots__ = ("busy", "first", "record", "retiring", "task")
 
-    def __init__(self, record: WorkerRecord) -> None:
+    def __init__(self, record: WorkerRecord, first: Batch | None) -> None:
         self.record = record
-        self.busy = False
+        self.first = first
+        self.busy = first is not None
         self.retiring = False
         self.task: asyncio.Task[None] | None = None
 
@@ -154,16 +173,16 @@ class Pool:
         return True
 
     async def stop(self) -> None:
-        """Stop every worker: idle ones at once, busy ones are cancelled (their batches stay
-        unacked, so the broker redelivers them)."""
+        """Stop every worker: idle ones at once, busy ones are cancelled (their batches are
+        abandoned and stay unacked, so the broker redelivers them)."""
         self._stopping = True
         tasks = [w.task for w in self._workers.values() if w.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _spawn(self, slot: int, pause: float = 0.0) -> None:
-        worker = _Worker(self._history.start(self.shard, slot))
+    def _spawn(self, slot: int, first: Batch | None = None, pause: float = 0.0) -> None:
+        worker = _Worker(self._history.start(self.shard, slot), first)
         self._workers[slot] = worker
         task = asyncio.create_task(self._run(worker, pause), name=f"worker-{worker.record.id}")
         worker.task = task
@@ -171,76 +190,97 @@ class Pool:
 
     async def _run(self, worker: _Worker, pause: float) -> None:
         reason: StopReason = "shutdown"
+        retry: Batch | None = None
         try:
             if pause:
                 await asyncio.sleep(pause)  # after a bug: do not spin
-            reason = await self._serve(worker)
+            reason, retry = await self._serve(worker)
         except asyncio.CancelledError:
             reason = "scale-down" if worker.retiring else "shutdown"
+            if worker.first is not None:  # cancelled before starting its first job
+                self.queue.put(worker.first, front=True)
         finally:
             self._history.stop(worker.record, reason)
             if self._workers.get(worker.record.slot) is worker:
                 del self._workers[worker.record.slot]
             self._live_gauge.set(self.live)
-        # Replaced in the same step, so the live count never dips below the minimum.
-        if reason in ("timeout", "error") and not self._stopping:
-            self._spawn(worker.record.slot, pause=1.0 if reason == "error" else 0.0)
+        # Replaced in the same step, so the live count never dips below the minimum; a
+        # retiring worker is not replaced (its batch goes back to the queue).
+        if reason in ("timeout", "error") and not self._stopping and not worker.retiring:
+            self._spawn(worker.record.slot, retry, pause=1.0 if reason == "error" else 0.0)
+        elif retry is not None:
+            self.queue.put(retry, front=True)
+            self._check_idle()
 
-    async def _serve(self, worker: _Worker) -> StopReason:
+    async def _serve(self, worker: _Worker) -> tuple[StopReason, Batch | None]:
         while not worker.retiring:
-            batch = await self.queue.get()
+            if worker.first is not None:
+                batch, worker.first = worker.first, None
+            else:
+                batch = await self.queue.get()
             worker.busy = True
             self._pending_gauge.set(len(self.queue))
             try:
                 outcome = await self._write(worker, batch)
             except Exception:
                 log.exception("worker %s failed on a batch; restarting it", worker.record.id)
-                self.queue.put(batch.retry(), front=True)
-                return "error"
+                return "error", batch.retry()
             finally:
                 worker.busy = False
                 self._check_idle()
             if outcome == "timeout":
-                return "timeout"
-        return "scale-down"
+                return "timeout", batch.retry()
+        return "scale-down", None
 
-    async def _write(self, worker: _Worker, batch: Batch) -> str:
+    async def _write(self, worker: _Worker, batch: Batch) -> Outcome:
+        live = batch.without_stale()
+        if not live.entries:
+            return "written"  # every source's channel died: the broker redelivers them all
         record = worker.record
         started = time.perf_counter()
+        write = asyncio.ensure_future(self._sink.write(live, record.id))
         try:
-            async with asyncio.timeout(self._timeout):
-                await self._sink.write(batch, record.id)
+            done, _ = await asyncio.wait({write}, timeout=self._timeout)
         except asyncio.CancelledError:
-            batch.abandon()  # stopped mid-write: a late finish must not make a file
+            live.abandon()  # stopped mid-write: a late finish must not make a file
+            write.cancel()
             raise
-        except TimeoutError:
-            if batch.abandon():
-                self._metrics.worker_timeouts.labels(self._label).inc()
-                log.warning(
-                    "worker %s (generation %d) spent over %gs on a batch of %d entries: "
-                    "stopped, batch handed to a fresh worker",
-                    record.id,
-                    record.generation,
-                    self._timeout,
-                    len(batch),
-                )
-                self.queue.put(batch.retry(), front=True)
+        if not done:
+            if live.abandon():
+                write.cancel()
+                self._timed_out(record, len(live))
                 return "timeout"
-            # The write committed just as the time ran out: it is durable, go on.
+            # The write committed as the time ran out: it is renaming and syncing now.
+            # Wait for it, then ack as usual; never ack before the sink returns.
+            await asyncio.wait({write})
+        try:
+            write.result()
         except OSError as exc:
             await self._write_failed(worker, batch, exc)
             return "retry"
+        self._metrics.batch_seconds.observe(time.perf_counter() - started)
         self.write_ok = True
         self._errors_in_a_row = 0
         # Settling is not interrupted by a cancellation (shutdown, retirement).
-        await asyncio.shield(self._acker.batch_written(batch))
-        self._metrics.batch_seconds.observe(time.perf_counter() - started)
-        self._metrics.batch_entries.observe(len(batch))
+        await asyncio.shield(self._acker.batch_written(live))
+        self._metrics.batch_entries.observe(len(live))
         self._metrics.batches.labels(self._label).inc()
-        self._metrics.processed.labels(self._label, record.id).inc(len(batch))
-        record.entries += len(batch)
+        self._metrics.processed.labels(self._label, record.id).inc(len(live))
+        record.entries += len(live)
         record.batches += 1
         return "written"
+
+    def _timed_out(self, record: WorkerRecord, entries: int) -> None:
+        self.write_ok = False  # a hung disk: not ready until a write succeeds again
+        self._metrics.worker_timeouts.labels(self._label).inc()
+        log.warning(
+            "worker %s (generation %d) spent over %gs on a batch of %d entries: stopped, "
+            "the batch goes to a fresh generation of the slot",
+            record.id,
+            record.generation,
+            self._timeout,
+            entries,
+        )
 
     async def _write_failed(self, worker: _Worker, batch: Batch, exc: OSError) -> None:
         self.write_ok = False
@@ -258,5 +298,6 @@ class Pool:
         await asyncio.sleep(delay)
 
     def _check_idle(self) -> None:
-        if not len(self.queue) and not any(w.busy for w in self._workers.values()):
+        busy = any(w.busy for w in self._workers.values())
+        if not self.queue.pending and not busy:
             self._idle.set()

@@ -3,9 +3,10 @@ worker pool; an autoscaler over all pools; broker connection in the background.
 
 Lifecycle (an async context): entering starts the pools and the background connection;
 leaving drains — stop consuming, seal partial batches, wait (bounded by
-SHUTDOWN_TIMEOUT_SECONDS) for every batch to be written and acked, stop the workers, close
-the channels and the connection in reverse order, log one summary line. Whatever is not
-written by then stays unacked, and the broker redelivers it.
+SHUTDOWN_TIMEOUT_SECONDS) for every batch of every shard to be written and acked, stop the
+workers, close the channels and the connection in reverse order (at most
+CLOSE_TIMEOUT_SECONDS more), log one summary line. Whatever is not written by then stays
+unacked, and the broker redelivers it.
 """
 
 from __future__ import annotations
@@ -41,15 +42,20 @@ from services.consumer.sink import FileSink, Sink
 log = logging.getLogger(__name__)
 
 DIRECTORY_CHECK_SECONDS = 5.0
+# After the drain: the longest wait for the channels and the connection to close (a stalled
+# broker must not hold the process past its grace period).
+CLOSE_TIMEOUT_SECONDS = 3.0
 
 
 class BrokerDepthProbe:
-    """Ready messages per shard queue, by a passive declare on a channel of its own."""
+    """Ready messages per shard queue, by a passive declare on a channel of its own. It
+    also keeps each queue's consumer count from the same answer (readiness uses it)."""
 
     def __init__(self, topology: Topology) -> None:
         self._topology = topology
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
+        self.consumers: dict[int, int] = {}
 
     def attach(self, connection: AbstractRobustConnection) -> None:
         self._connection = connection
@@ -62,6 +68,7 @@ class BrokerDepthProbe:
         queue = await self._channel.declare_queue(
             self._topology.queue_name(shard), passive=True, robust=False
         )
+        self.consumers[shard] = queue.declaration_result.consumer_count or 0
         return queue.declaration_result.message_count or 0
 
 
@@ -116,17 +123,31 @@ class ConsumerService:
         self.metrics.broker_connected.set_function(lambda: float(self._broker.connected))
 
     def not_ready(self) -> str | None:
-        """None when ready: connected, and batches can be written."""
+        """None when ready: connected and consuming every shard, and batches can be
+        written."""
         if not self._broker.connected or not self._consumers:
             return "broker not connected"
+        if any(channel.is_closed for channel in self._channels):
+            return "a consumer channel is closed"
+        # A restored connection that came back without its consumers (a known aio-pika
+        # failure) shows as a queue with none, from the autoscaler's last reading.
+        idle = [shard for shard, count in self._probe.consumers.items() if count == 0]
+        if idle:
+            return f"no consumer on shard(s) {idle}"
         if not self._directory_ok or not all(pool.write_ok for pool in self.pools):
             return f"output directory {self.settings.data_output_dir} not writable"
         return None
 
     async def __aenter__(self) -> ConsumerService:
-        cleaned = self.sink.prepare()
-        if cleaned:
-            log.info("removed %d unfinished temporary files of this host", cleaned)
+        try:
+            cleaned = self.sink.prepare()
+        except OSError as exc:
+            # Not a reason to crash-loop: report not ready, the writes retry.
+            self._directory_ok = False
+            log.error("output directory %s unusable: %s", self.settings.data_output_dir, exc)
+        else:
+            if cleaned:
+                log.info("removed %d unfinished temporary files of this host", cleaned)
         for pool in self.pools:
             pool.start()
         await self._broker.__aenter__()
@@ -164,21 +185,32 @@ class ConsumerService:
     ) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.shutdown_timeout_seconds
-        await self._stop_consuming()
         drained = True
-        for batcher, pool in zip(self.batchers, self.pools, strict=True):
-            batcher.flush()
-            drained = await pool.drained(max(0.0, deadline - loop.time())) and drained
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._stop_consuming()
+                for batcher in self.batchers:
+                    batcher.flush()
+                results = await asyncio.gather(
+                    *(pool.drained(self.settings.shutdown_timeout_seconds) for pool in self.pools)
+                )
+                drained = all(results)
+        except TimeoutError:
+            drained = False
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for pool in self.pools:
             await pool.stop()
-        left = sum(len(pool.queue) for pool in self.pools)
-        for channel in reversed(self._channels):
-            with contextlib.suppress(*CONNECTIVITY_ERRORS):
-                await channel.close()
-        await self._broker.__aexit__(exc_type, exc, tb)
+        left = sum(pool.queue.pending for pool in self.pools)
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                for channel in reversed(self._channels):
+                    with contextlib.suppress(*CONNECTIVITY_ERRORS):
+                        await channel.close()
+                await self._broker.__aexit__(exc_type, exc, tb)
+        except TimeoutError:
+            log.warning("broker connection did not close within %ss", CLOSE_TIMEOUT_SECONDS)
         self._executor.shutdown(wait=False, cancel_futures=True)
         log.info("worker history at shutdown:\n%s", self.history.table())
         log.info(
@@ -192,7 +224,9 @@ class ConsumerService:
     async def _attach(self, connection: AbstractRobustConnection) -> None:
         """Broker set-up, on the first connection: a channel per shard with a bounded
         prefetch, its queue declared and consumed. aio-pika restores them on reconnect.
-        Nothing is kept unless every shard is set up (a failed set-up is retried whole)."""
+        If a shard fails (a queue declared with other arguments), the broker connection
+        is closed and the whole set-up retried; deliveries already taken on the earlier
+        shards cannot be acked then, and the broker redelivers them."""
         channels: list[AbstractChannel] = []
         consumers: list[tuple[AbstractQueue, str]] = []
         for shard in range(self.settings.shards_count):

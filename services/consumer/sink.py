@@ -16,7 +16,7 @@ import itertools
 import logging
 import os
 import re
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -59,6 +59,8 @@ class FileSink:
         self.directory = directory
         self._host = safe_host(host)
         self._executor = executor
+        # Its own thread, so a probe is not stuck behind writes hung on the same disk.
+        self._check_executor = ThreadPoolExecutor(1, thread_name_prefix="adp-check")
         self._seq = itertools.count(1)
 
     def prepare(self) -> int:
@@ -81,7 +83,7 @@ class FileSink:
 
     async def check(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._check)
+        await asyncio.wait_for(loop.run_in_executor(self._check_executor, self._check), 5.0)
 
     def _name(self, worker: str) -> str:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
@@ -116,6 +118,7 @@ class FileSink:
         return name
 
     def _check(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)  # it may have been missing at start
         probe = self.directory / f".{self._host}_probe.tmp"
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.close(fd)

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from aio_pika.abc import AbstractConnection
+from yarl import URL
 
 from services.common.topology import Topology
 from tests.support.consumer import written_lines
@@ -21,6 +22,7 @@ from tests.support.polling import eventually
 from tests.support.process import ServiceProcess
 from tests.support.publish import entries, publish
 from tests.support.queues import depth
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq]
 
@@ -71,6 +73,8 @@ async def test_sigterm_mid_stream_drains_within_the_bound_and_loses_nothing(
     assert code == 0, proc.log
     assert took < 10.5
     assert "consumer stopped" in proc.log
+    assert "worker history at shutdown" in proc.log
+    assert "0-0" in proc.log.split("worker history at shutdown")[1]
     first_run = Counter(e["value"] for e in written_lines(out))
     assert max(first_run.values()) == 1
 
@@ -143,3 +147,43 @@ async def test_dev_runs_api_and_consumer_in_one_process(
         proc.signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 15) == 0, proc.log
     assert sorted(e["value"] for e in written_lines(out)) == sorted(e["value"] for e in sent)
+
+
+async def test_a_second_signal_exits_at_once(
+    topology: Callable[..., Topology], amqp: AbstractConnection, tmp_path: Path, rabbitmq_url: str
+) -> None:
+    """The drain is held up by a broker that stopped answering; a second SIGTERM ends the
+    process at once (status 130), and nothing it had not acked is lost."""
+    url = URL(rabbitmq_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5672)
+    await proxy.start()
+    topo = topology()
+    out = tmp_path / "out"
+    port = free_port()
+    env = consumer_env(topo, out, port, rabbitmq_url)
+    via = {**env, "RABBITMQ_URL": str(url.with_host("127.0.0.1").with_port(proxy.port))}
+    await publish(amqp, topo, entries(2000, "twice"), per_message=1)
+    try:
+        with ServiceProcess("message-consumer", via, tmp_path / "c.log") as proc:
+            await proc.wait_ready(f"http://127.0.0.1:{port}")
+            proxy.pause()
+            proc.signal(signal.SIGTERM)
+
+            async def draining() -> bool:
+                return "SIGTERM: draining" in proc.log
+
+            await eventually(draining, timeout=10, what="drain started")
+            started = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            code = await asyncio.to_thread(proc.wait, 15)
+            assert time.monotonic() - started < 2
+    finally:
+        await proxy.cut()
+    assert code == 130, proc.log
+    assert "second SIGTERM: exiting now" in proc.log
+    with ServiceProcess("message-consumer", env, tmp_path / "c2.log") as proc:
+        await proc.wait_ready(f"http://127.0.0.1:{port}")
+        await eventually(lambda: _at_least(out, 2000), timeout=30, what="all entries")
+        proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+    assert {e["value"] for e in written_lines(out)} == {e["value"] for e in entries(2000, "twice")}

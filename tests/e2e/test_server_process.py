@@ -11,12 +11,14 @@ from typing import Any
 import httpx
 import pytest
 from aio_pika.abc import AbstractConnection
+from yarl import URL
 
 from services.common.topology import Topology
 from tests.support.net import free_port
 from tests.support.polling import eventually
 from tests.support.process import ServiceProcess
 from tests.support.queues import drain_entries
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq]
 
@@ -110,3 +112,37 @@ async def test_sigterm_under_load_loses_no_accepted_entry(
     assert set(accepted) <= set(written)
     assert len(written) == len(set(written))  # nothing published twice
     assert "Traceback" not in proc.log, proc.log
+
+
+async def test_sigterm_lets_an_in_flight_request_finish(
+    topology: Callable[..., Topology], amqp: AbstractConnection, tmp_path: Path, rabbitmq_url: str
+) -> None:
+    """A request waiting for its confirm when SIGTERM comes still gets its answer (201),
+    then the process exits 0."""
+    url = URL(rabbitmq_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5672)
+    await proxy.start()
+    topo = topology()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    via = str(url.with_host("127.0.0.1").with_port(proxy.port))
+    try:
+        with server(topo, port, tmp_path, via) as proc:
+            await proc.wait_ready(base)
+            async with httpx.AsyncClient(base_url=base, timeout=15) as client:
+                proxy.pause()  # the broker stops answering: the confirm waits
+                request = asyncio.create_task(client.post("/message", json=entries(3, "fly")))
+                await asyncio.sleep(0.3)
+                assert not request.done()
+                proc.signal()
+                await asyncio.sleep(0.3)
+                proxy.resume()
+                response = await request
+            assert await asyncio.to_thread(proc.wait, 15) == 0
+    finally:
+        await proxy.cut()
+    assert response.status_code == 201
+    found = await drain_entries(amqp, topo)
+    assert sorted(e["value"] for g in found.values() for e in g) == sorted(
+        e["value"] for e in entries(3, "fly")
+    )

@@ -5,6 +5,7 @@ from pydantic import ValidationError
 
 from services.api.settings import ApiSettings
 from services.common.settings import BrokerSettings
+from services.consumer.settings import ConsumerSettings
 
 
 def test_defaults_are_the_design_table(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -17,6 +18,28 @@ def test_defaults_are_the_design_table(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.max_body_bytes == 1_048_576
     assert settings.publish_timeout_seconds == 5
     assert settings.queue_prefix == "task_queue_"
+
+
+def test_consumer_defaults_are_the_design_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("DATA_OUTPUT_DIR", "WORKERS_MIN", "WORKERS_MAX", "BATCH_SIZE", "METRICS_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    settings = ConsumerSettings()
+    assert str(settings.data_output_dir) == "data_dump"
+    assert (settings.workers_min, settings.workers_max) == (3, 4)
+    assert settings.batch_size == 5
+    assert settings.batch_max_wait_seconds == 1.0
+    assert settings.worker_timeout_seconds == 30
+    assert settings.metrics_port == 9100
+    assert settings.shutdown_timeout_seconds < 30  # below Kubernetes' default grace period
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{"workers_min": 5, "workers_max": 4}, {"scale_up_backlog": 10, "scale_down_backlog": 10}],
+)
+def test_consumer_bounds_must_be_consistent(values: dict[str, int]) -> None:
+    with pytest.raises(ValidationError):
+        ConsumerSettings(**values)  # type: ignore[arg-type]
 
 
 def test_environment_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -79,9 +79,19 @@ def test_host_names_fit_file_names() -> None:
     assert safe_host("") == "host"
 
 
-async def test_check_fails_when_the_directory_is_gone(
+async def test_check_fails_when_the_directory_cannot_be(
     tmp_path: Path, executor: ThreadPoolExecutor
 ) -> None:
-    sink = FileSink(tmp_path / "missing", "h", executor)
-    with pytest.raises(FileNotFoundError):
+    (tmp_path / "a-file").write_text("")
+    sink = FileSink(tmp_path / "a-file", "h", executor)
+    with pytest.raises(FileExistsError):
         await sink.check()
+
+
+async def test_check_creates_a_directory_missing_at_start(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    sink = FileSink(tmp_path / "late", "h", executor)
+    await sink.check()
+    assert (tmp_path / "late").is_dir()
+    assert list((tmp_path / "late").iterdir()) == []

@@ -1,0 +1,171 @@
+"""The pool's policies, with a sink and messages handed in through their seams (the `Sink`
+protocol, aio-pika's message interface): what is acked, when, and by which worker."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from services.common.metrics import new_registry
+from services.common.schema import Entry
+from services.consumer.acker import Acker
+from services.consumer.batch import Batch, Delivery
+from services.consumer.history import WorkerHistory
+from services.consumer.metrics import ConsumerMetrics
+from services.consumer.pool import Pool
+from services.consumer.sink import Abandoned
+
+
+class FakeChannel:
+    is_closed = False
+
+
+class FakeMessage:
+    """Records acks, and the moment they came relative to the sink's work."""
+
+    def __init__(self, log: list[str], name: str, channel: FakeChannel) -> None:
+        self.log = log
+        self.name = name
+        self.channel = channel
+
+    async def ack(self, multiple: bool = False) -> None:
+        self.log.append(f"ack {self.name}")
+
+
+class ScriptedSink:
+    """Each write: optionally wait `before` seconds, commit, wait `after` seconds (a slow
+    rename and directory fsync), then return. A write whose batch was abandoned before the
+    commit raises `Abandoned`, as the file sink does."""
+
+    def __init__(self, log: list[str], before: list[float], after: float = 0.0) -> None:
+        self.log = log
+        self.before = before
+        self.after = after
+
+    def prepare(self) -> int:
+        return 0
+
+    async def write(self, batch: Batch, worker: str) -> str:
+        delay = self.before.pop(0) if self.before else 0.0
+        self.log.append(f"write start {worker}")
+        await asyncio.to_thread(_sleep_then_commit, batch, delay, self.log, worker)
+        await asyncio.sleep(self.after)
+        self.log.append(f"write done {worker}")
+        return f"{worker}.jsonl"
+
+    async def reject(self, body: bytes, reason: str, message_id: str | None) -> str:
+        raise NotImplementedError
+
+    async def check(self) -> None:
+        return None
+
+
+def _sleep_then_commit(batch: Batch, delay: float, log: list[str], worker: str) -> None:
+    import time
+
+    time.sleep(delay)
+    if not batch.commit():
+        log.append(f"write abandoned {worker}")
+        raise Abandoned(worker)
+    log.append(f"commit {worker}")
+
+
+def make_pool(sink: ScriptedSink, timeout: float) -> tuple[Pool, WorkerHistory]:
+    history = WorkerHistory()
+    metrics = ConsumerMetrics(new_registry(process=False))
+    pool = Pool(
+        0, sink, Acker(metrics), history, metrics, workers_min=1, workers_max=2, timeout=timeout
+    )
+    return pool, history
+
+
+def batch_of(log: list[str], name: str, n: int = 2, channel: FakeChannel | None = None) -> Batch:
+    message = FakeMessage(log, name, channel or FakeChannel())
+    delivery = Delivery(cast(AbstractIncomingMessage, message), n)
+    entries = [Entry(timestamp="2019-10-12T07:20:50Z", value=f"{name}{i}") for i in range(n)]
+    batch = Batch(0)
+    batch.add(delivery, entries)
+    return batch
+
+
+async def wait_for(condition: Any, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+async def test_no_ack_before_a_committed_write_has_finished() -> None:
+    """The timeout fires while the file is being renamed and synced: the worker waits for
+    the write instead of acking early or handing the batch to another worker."""
+    log: list[str] = []
+    pool, history = make_pool(ScriptedSink(log, [0.0], after=0.5), timeout=0.2)
+    pool.start()
+    pool.submit(batch_of(log, "m"))
+    await wait_for(lambda: "ack m" in log)
+    await pool.stop()
+    assert log == ["write start 0-0", "commit 0-0", "write done 0-0", "ack m"]
+    assert [r.stop_reason for r in history.records()] == ["shutdown"]
+
+
+async def test_a_timed_out_batch_is_written_once_by_the_slots_fresh_generation() -> None:
+    log: list[str] = []
+    pool, history = make_pool(ScriptedSink(log, [0.6, 0.0]), timeout=0.2)
+    pool.start()
+    pool.submit(batch_of(log, "m"))
+    await wait_for(lambda: "ack m" in log)
+    await asyncio.sleep(0.6)  # the abandoned write finishes meanwhile, and must not commit
+    await pool.stop()
+    assert log.count("commit 0-0") == 1
+    assert "write abandoned 0-0" in log
+    assert log.index("ack m") > log.index("commit 0-0")
+    records = [(r.id, r.generation, r.stop_reason, r.entries) for r in history.records()]
+    assert records == [("0-0", 1, "timeout", 0), ("0-0", 2, "shutdown", 2)]
+
+
+async def test_shrinking_retires_an_idle_worker_first() -> None:
+    log: list[str] = []
+    pool, history = make_pool(ScriptedSink(log, [0.3]), timeout=5)
+    pool.start()
+    assert pool.grow()
+    pool.submit(batch_of(log, "m"))
+    await wait_for(lambda: "write start 0-0" in log or "write start 0-1" in log)
+    busy = "0-0" if "write start 0-0" in log else "0-1"
+    assert pool.shrink()  # two live, one busy: the idle one goes, at once
+    await wait_for(lambda: pool.live == 1)
+    await wait_for(lambda: "ack m" in log)
+    await pool.stop()
+    by_id = {(r.id, r.generation): r for r in history.records()}
+    assert by_id[(busy, 1)].entries == 2
+    assert [r.stop_reason for r in history.records() if r.id != busy] == ["scale-down"]
+
+
+async def test_retiring_the_busy_worker_lets_it_finish_first() -> None:
+    log: list[str] = []
+    pool, history = make_pool(ScriptedSink(log, [0.3]), timeout=5)
+    pool.start()
+    pool.workers_min = 0  # so the only, busy, worker may retire
+    pool.submit(batch_of(log, "m"))
+    await wait_for(lambda: "write start 0-0" in log)
+    assert pool.shrink()
+    await wait_for(lambda: pool.live == 0)
+    assert log[-1] == "ack m"  # it finished the batch before it stopped
+    [record] = history.records()
+    assert (record.stop_reason, record.entries) == ("scale-down", 2)
+
+
+async def test_entries_of_a_dead_channel_are_not_written() -> None:
+    log: list[str] = []
+    dead = FakeChannel()
+    dead.is_closed = True
+    pool, _ = make_pool(ScriptedSink(log, []), timeout=5)
+    pool.start()
+    pool.submit(batch_of(log, "gone", channel=dead))
+    pool.submit(batch_of(log, "kept"))
+    await wait_for(lambda: "ack kept" in log)
+    await pool.stop()
+    assert "ack gone" not in log
+    assert log.count("commit 0-0") == 1
