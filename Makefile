@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint unit install broker bench clean
+.PHONY: run test lint unit install broker bench check-deploy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ lint: install
 	$(BIN)/ruff format --check services tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+## check-deploy: lint and validate Dockerfiles, compose, Prometheus config, alerts, dashboard
+## (also run by `make test`, through tests/deploy)
+check-deploy: install
+	scripts/check-deploy-files.sh
+	scripts/check-observability.sh
 
 ## unit: the tests that need no broker
 unit: install

@@ -25,6 +25,26 @@ _ERROR = {
             },
         },
         "error_count": {"type": "integer", "description": "For 400: all errors found."},
+        "limit_bytes": {"type": "integer", "description": "For 413: MAX_BODY_BYTES."},
+        "reason": {
+            "type": "string",
+            "enum": ["disconnected", "nack", "returned", "timeout"],
+            "description": "For 503: why the broker did not take the entries.",
+        },
+    },
+}
+
+# The 201 echo: every entry with both fields (`value` null when it was absent).
+_ECHO = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["timestamp", "value"],
+        "properties": {
+            "timestamp": {"type": "string", "description": "As sent."},
+            "value": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        },
+        "additionalProperties": False,
     },
 }
 
@@ -63,7 +83,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "responses": {
                         "201": {
                             "description": "Every entry is durable in its shard queue; echoed.",
-                            "content": {"application/json": {"schema": entries}},
+                            "content": {"application/json": {"schema": _ECHO}},
                         },
                         "400": _error("Not a non-empty JSON array of valid entries."),
                         "413": _error("The body is larger than MAX_BODY_BYTES."),

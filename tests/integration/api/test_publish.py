@@ -57,13 +57,19 @@ async def ready(client: httpx.AsyncClient, timeout: float = 15) -> None:
 
 
 async def test_entries_land_in_their_shard_queues_once_with_contract_properties(
-    api: ServeApi, topology: Callable[..., Topology], amqp: AbstractConnection
+    api: ServeApi,
+    topology: Callable[..., Topology],
+    amqp: AbstractConnection,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     topo = topology()
     body = [entry(second, f"v{second}") for second in range(50, 60)]
     async with api(topo) as client:
         await ready(client)
-        response = await client.post("/message", json=body)
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="services"):
+            response = await client.post("/message", json=body)
+        assert len(caplog.records) <= 1  # no log line per entry
     assert response.status_code == 201
     assert response.json() == body
 

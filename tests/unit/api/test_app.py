@@ -139,6 +139,10 @@ async def test_openapi_describes_the_real_schemas(client: httpx.AsyncClient) -> 
     assert entry["additionalProperties"] is False
     assert set(entry["properties"]) == {"timestamp", "value"}
     assert post["requestBody"]["content"]["application/json"]["schema"]["minItems"] == 1
+    echo = post["responses"]["201"]["content"]["application/json"]["schema"]["items"]
+    assert echo["required"] == ["timestamp", "value"]
+    error = document["components"]["schemas"]["Error"]["properties"]
+    assert {"error", "errors", "reason", "limit_bytes"} <= set(error)
 
 
 async def test_metrics_count_requests_with_bounded_labels(client: httpx.AsyncClient) -> None:
