@@ -71,10 +71,19 @@ class ApiMetrics:
         for reason in PublishFailed.REASONS:
             self.publish_failures.labels(reason)
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        # The answers POST /message can give exist at 0 from the start: a dashboard shows
+        # "0", and rate() sees the first 503 (a series born at 1 hides it).
+        for status in (201, 400, 413, 503):
+            self._child("/message", "POST", status)
 
     def observe_request(self, path: str, method: str, status: int, seconds: float) -> None:
         """Count one answered request; unknown paths count as route "other" and unusual
         methods as "other", so a hostile client cannot grow the label sets."""
+        counter, histogram = self._child(path, method, status)
+        counter.inc()
+        histogram.observe(seconds)
+
+    def _child(self, path: str, method: str, status: int) -> tuple[Counter, Histogram]:
         route = path if path in ROUTES else "other"
         key = (route, method if method in METHODS else "other", status)
         children = self._children.get(key)
@@ -83,5 +92,4 @@ class ApiMetrics:
                 self.requests.labels(key[0], key[1], str(status)),
                 self.request_seconds.labels(route),
             )
-        children[0].inc()
-        children[1].observe(seconds)
+        return children

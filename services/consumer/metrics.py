@@ -92,3 +92,18 @@ class ConsumerMetrics:
             "1 while the consumer holds an open broker connection.",
             registry=registry,
         )
+
+    def create_shard_series(self, shard: int) -> None:
+        """Export the shard's counters at 0 from the start, so a dashboard shows "0", not
+        "No data", and `rate()` sees the first fault (a series born at 1 hides it)."""
+        label = str(shard)
+        for counter in (
+            self.batches,
+            self.worker_timeouts,
+            self.redeliveries,
+            self.write_errors,
+            self.rejected,
+        ):
+            counter.labels(label)
+        for direction in ("up", "down"):
+            self.scale_events.labels(label, direction)

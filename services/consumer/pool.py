@@ -123,6 +123,7 @@ class Pool:
         self.write_ok = True
         self._errors_in_a_row = 0
         self._label = str(shard)
+        metrics.create_shard_series(shard)
         self._live_gauge = metrics.workers.labels(self._label)
         self._pending_gauge = metrics.buffered.labels(self._label)
 
