@@ -1,4 +1,5 @@
-"""The consumer's HTTP side (METRICS_PORT): /metrics, /healthz, /readyz and /workers."""
+"""The consumer's HTTP side (METRICS_PORT): /metrics, /healthz, /readyz, /workers (the
+history) and /pools (each shard's pool state, read by the operator)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,14 @@ def create_app(service: ConsumerService, registry: CollectorRegistry) -> Starlet
         rows = [record.as_dict() for record in service.history.records()]
         return JSONResponse({"workers": rows})
 
+    async def pools(_: Request) -> Response:
+        return JSONResponse({"pools": service.pools_state()})
+
     return Starlette(
         routes=[
             *probe_routes(registry, lambda _: service.not_ready()),
             Route("/workers", workers, methods=["GET"]),
+            Route("/pools", pools, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error},
     )

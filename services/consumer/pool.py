@@ -55,6 +55,11 @@ class BatchQueue:
     def pending(self) -> int:
         return len(self._items) + self._handed
 
+    @property
+    def entries(self) -> int:
+        """Entries in the queued batches."""
+        return sum(len(batch) for batch in self._items)
+
     def put(self, batch: Batch, *, front: bool = False) -> None:
         while self._getters:
             getter = self._getters.popleft()
@@ -84,12 +89,13 @@ class BatchQueue:
 
 
 class _Worker:
-    __slots__ = ("busy", "first", "record", "retiring", "task")
+    __slots__ = ("busy", "current", "first", "record", "retiring", "task")
 
     def __init__(self, record: WorkerRecord, first: Batch | None) -> None:
         self.record = record
         self.first = first
         self.busy = first is not None
+        self.current: Batch | None = None
         self.retiring = False
         self.task: asyncio.Task[None] | None = None
 
@@ -130,6 +136,19 @@ class Pool:
     @property
     def live(self) -> int:
         return len(self._workers)
+
+    def state(self) -> dict[str, int]:
+        """What the operator reads to judge saturation (`GET /pools`)."""
+        writing = [w.current for w in self._workers.values() if w.current is not None]
+        return {
+            "shard": self.shard,
+            "live": self.live,
+            "min": self.workers_min,
+            "max": self.workers_max,
+            "busy": len(writing),
+            "pending_batches": self.queue.pending,
+            "inflight_entries": self.queue.entries + sum(len(b) for b in writing),
+        }
 
     def start(self) -> None:
         for slot in range(self.workers_min):
@@ -220,6 +239,7 @@ class Pool:
             else:
                 batch = await self.queue.get()
             worker.busy = True
+            worker.current = batch
             self._pending_gauge.set(len(self.queue))
             try:
                 outcome = await self._write(worker, batch)
@@ -228,6 +248,7 @@ class Pool:
                 return "error", batch.retry()
             finally:
                 worker.busy = False
+                worker.current = None
                 self._check_idle()
             if outcome == "timeout":
                 return "timeout", batch.retry()

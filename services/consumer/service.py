@@ -122,6 +122,16 @@ class ConsumerService:
         self._directory_ok = True
         self.metrics.broker_connected.set_function(lambda: float(self._broker.connected))
 
+    def pools_state(self) -> list[dict[str, int]]:
+        """Per shard: live workers and bounds, busy workers, queued batches, and entries
+        received but not yet written (in the shared batch, queued, or being written)."""
+        states = []
+        for pool, batcher in zip(self.pools, self.batchers, strict=True):
+            state = pool.state()
+            state["inflight_entries"] += batcher.buffered
+            states.append(state)
+        return states
+
     def not_ready(self) -> str | None:
         """None when ready: connected and consuming every shard, and batches can be
         written."""

@@ -126,10 +126,20 @@ async def test_a_delivery_spanning_two_batches_is_acked_after_both(
 ) -> None:
     topo = topology(shards_count=1)
     config = settings(topo, batch_size=3, batch_max_wait_seconds=3.0)
-    async with run_consumer(config):
+    async with run_consumer(config) as consumer:
         await publish(amqp, topo, entries(5, "s"), per_message=5)
         await lines_reach(config.data_output_dir, 3, timeout=5)  # the full batch
         assert await unacked(topo.queue_name(0)) == 1  # the rest still waits its timer
+        [pool] = (await consumer.http.get("/pools")).json()["pools"]
+        assert pool == {
+            "shard": 0,
+            "live": 3,
+            "min": 3,
+            "max": 4,
+            "busy": 0,
+            "pending_batches": 0,
+            "inflight_entries": 2,
+        }
         await lines_reach(config.data_output_dir, 5, timeout=6)
 
         async def acked() -> bool:
