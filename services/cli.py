@@ -92,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
         "its environment variable.",
     )
     _add_flags(dev, _SERVER_FLAGS + _CONSUMER_FLAGS + _COMMON_FLAGS)
+    operator = commands.add_parser(
+        "operator",
+        help="run the kopf operator that scales consumer replicas (inside Kubernetes)",
+        description="Run the operator. Settings: WATCH_NAMESPACE, RECONCILE_INTERVAL_SECONDS, "
+        "RETRY_DELAY_SECONDS, HTTP_TIMEOUT_SECONDS, LOG_LEVEL.",
+    )
+    operator.add_argument(
+        "--watch-namespace",
+        dest="watch_namespace",
+        default=None,
+        help="namespace to watch (WATCH_NAMESPACE; default: all)",
+    )
+    operator.add_argument("--log-level", dest="log_level", default=None, help="(LOG_LEVEL)")
     return parser
 
 
@@ -104,8 +117,31 @@ def _settings(model: type[BaseModel], args: argparse.Namespace, skip: set[str]) 
     return model(**overrides)
 
 
+def _report(exc: ValidationError) -> int:
+    for error in exc.errors(include_url=False):
+        name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+        print(f"async-data-processor: invalid setting {name}: {error['msg']}", file=sys.stderr)
+    return 2
+
+
+def _operator(args: argparse.Namespace) -> int:
+    # Imported here: kopf is only needed by this command.
+    from services.operator.handlers import run as run_operator
+    from services.operator.settings import OperatorSettings
+
+    try:
+        settings = _settings(OperatorSettings, args, set())
+    except ValidationError as exc:
+        return _report(exc)
+    configure_logging(settings.log_level)
+    run_operator(settings)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "operator":
+        return _operator(args)
     try:
         api: ApiSettings | None = None
         consumer: ConsumerSettings | None = None
@@ -114,10 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("message-consumer", "dev"):
             consumer = _settings(ConsumerSettings, args, _SERVER_ONLY)
     except ValidationError as exc:
-        for error in exc.errors(include_url=False):
-            name = ".".join(str(part) for part in error["loc"]).upper() or "settings"
-            print(f"async-data-processor: invalid setting {name}: {error['msg']}", file=sys.stderr)
-        return 2
+        return _report(exc)
     if api is not None and consumer is not None:
         from services.devserver import run as run_dev
 

@@ -1,0 +1,30 @@
+"""The operator's own settings (environment variables)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.settings import LogLevel
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    watch_namespace: str = Field(
+        "", description="Namespace whose ConsumerAutoscalers are reconciled ('' = all)."
+    )
+    reconcile_interval_seconds: float = Field(
+        15.0, ge=1, le=3600, description="Seconds between reconciliations of each resource."
+    )
+    retry_delay_seconds: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        description="Pause, in seconds, after the broker or a pod "
+        "could not be reached, before the next try.",
+    )
+    http_timeout_seconds: float = Field(
+        5.0, gt=0, le=60, description="Timeout of each call to Kubernetes, a pod or the broker."
+    )
+    log_level: LogLevel = Field("INFO", description="Log level of the process.")
