@@ -31,11 +31,13 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-## check-deploy: lint and validate Dockerfiles, compose, Prometheus config, alerts, dashboard
+## check-deploy: lint and validate Dockerfiles, compose, Prometheus, alerts, dashboard, chart
 ## (also run by `make test`, through tests/deploy)
 check-deploy: install
 	scripts/check-deploy-files.sh
 	scripts/check-observability.sh
+	scripts/check-chart.sh
+	scripts/check-shell.sh
 
 ## unit: the tests that need no broker
 unit: install

@@ -87,4 +87,5 @@ def run(config: OperatorSettings) -> None:
         standalone=True,
         clusterwide=not namespaces,
         namespaces=namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
     )

@@ -103,7 +103,9 @@ async def _act(
 ) -> None:
     if decision.replicas == current:
         return
-    if decision.replicas < current and pools:
+    # pod-deletion-cost is honoured by ReplicaSets (Deployments); a StatefulSet always
+    # removes its highest ordinal, which then drains on SIGTERM like any consumer.
+    if decision.replicas < current and pools and spec.workload.kind == "Deployment":
         victim = least_busy(pools)
         await cluster.annotate_pod(namespace, victim, {DELETION_COST: "-1000"})
         log.info("marked pod %s (least busy) to be removed first", victim)

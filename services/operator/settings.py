@@ -27,4 +27,7 @@ class OperatorSettings(BaseSettings):
     http_timeout_seconds: float = Field(
         5.0, gt=0, le=60, description="Timeout of each call to Kubernetes, a pod or the broker."
     )
+    health_port: int = Field(
+        8081, ge=1, le=65535, description="Port of the liveness endpoint /healthz."
+    )
     log_level: LogLevel = Field("INFO", description="Log level of the process.")

@@ -188,3 +188,19 @@ async def test_an_invalid_spec_is_a_permanent_error() -> None:
     spec = {**SPEC, "minReplicas": 5, "maxReplicas": 2}
     with pytest.raises(kopf.PermanentError, match="minReplicas must not exceed maxReplicas"):
         await tick(Recorder(), Backlog([0, 0]), Pools({}), spec=spec)
+
+
+async def test_a_statefulset_scales_down_without_marking_a_pod() -> None:
+    """StatefulSets remove their highest ordinal whatever the annotation says."""
+    cluster = Recorder()
+    long_ago = time.time() - 3600
+    spec = {**SPEC, "workload": {"kind": "StatefulSet", "name": "adp-consumer"}}
+    await tick(
+        cluster,
+        Backlog([0, 0]),
+        Pools({"10.0.0.1": full(50), "10.0.0.2": full(3)}),
+        status={"lowSince": long_ago, "lastScaleTime": long_ago},
+        spec=spec,
+    )
+    assert ("scale", "StatefulSet", "adp-consumer", 1) in cluster.calls
+    assert not [c for c in cluster.calls if c[0] == "annotate"]
