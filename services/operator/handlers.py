@@ -22,11 +22,17 @@ async def startup(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) ->
     """Open the clients once; they live in kopf's memo for every handler."""
     config: OperatorSettings = memo.config
     settings.posting.level = logging.WARNING  # our own Events say what was decided
+    try:
+        memo.cluster = KubernetesCluster.in_cluster(config.http_timeout_seconds)
+    except OSError as exc:
+        raise kopf.PermanentError(
+            f"not inside Kubernetes (no service-account token: {exc}); the operator runs in "
+            "a pod with the chart's ServiceAccount"
+        ) from exc
     session = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=config.http_timeout_seconds)
     )
     memo.session = session
-    memo.cluster = KubernetesCluster.in_cluster(config.http_timeout_seconds)
     memo.readers = Readers(RabbitBacklog(config.http_timeout_seconds), HttpPools(session))
 
 
