@@ -10,6 +10,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 chart=deploy/helm/async-data-processor
 bin=.venv/bin
 
@@ -23,22 +25,6 @@ versions=(1.30.0 "$newest")
 
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-
-failures=0
-# check NAME COMMAND...: run it, print one line; on failure also the tool's own output.
-check() {
-  local name=$1 output
-  shift
-  if output=$("$@" 2>&1); then
-    printf 'ok    %s\n' "$name"
-    # Warnings of a passing check (kubernetes-validate: the custom resources it skipped).
-    grep '^WARN' <<<"$output" | sort -u | sed 's/^/      /' || true
-  else
-    printf 'FAIL  %s\n' "$name"
-    printf '%s\n' "$output" | sed 's/^/      /'
-    failures=$((failures + 1))
-  fi
-}
 
 check "helm lint --strict $chart" "$helm" lint --strict "$chart"
 
@@ -57,7 +43,4 @@ for values in "$chart"/ci/*-values.yaml; do
   fi
 done
 
-if ((failures)); then
-  echo "check-chart: $failures check(s) failed" >&2
-  exit 1
-fi
+finish check-chart

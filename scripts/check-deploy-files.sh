@@ -9,6 +9,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 repo=$PWD
 bin=$repo/.venv/bin
 
@@ -19,39 +21,11 @@ for tool in hadolint check-jsonschema; do
     exit 1
   fi
 done
-packages=()
-command -v docker-compose >/dev/null 2>&1 || packages+=(docker-compose)
-command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
-if ((${#packages[@]})); then
-  echo "check-deploy-files: installing ${packages[*]} (apt-get)" >&2
-  # --no-install-recommends: docker-compose would otherwise pull in the whole Docker engine.
-  apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >&2; }
-  apt_install || { apt-get update -qq >&2 && apt_install; }
-fi
-for tool in docker-compose promtool; do
-  if ! command -v "$tool" >/dev/null 2>&1; then
-    echo "check-deploy-files: $tool still not found on PATH after installing" >&2
-    exit 1
-  fi
-done
+need docker-compose=docker-compose promtool=prometheus
 
 # --- scratch space, removed on exit ----------------------------------------------------------
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-
-failures=0
-# check NAME COMMAND...: run it, print one line; on failure also the tool's own output.
-check() {
-  local name=$1 output
-  shift
-  if output=$("$@" 2>&1); then
-    printf 'ok    %s\n' "$name"
-  else
-    printf 'FAIL  %s\n' "$name"
-    printf '%s\n' "$output" | sed 's/^/      /'
-    failures=$((failures + 1))
-  fi
-}
 
 # --- Dockerfiles -----------------------------------------------------------------------------
 for dockerfile in Dockerfile.api Dockerfile.consumer; do
@@ -76,7 +50,4 @@ sed "s#/etc/prometheus/#$repo/deploy/prometheus/#g" deploy/prometheus/prometheus
 check "promtool check config deploy/prometheus/prometheus.yml" \
   promtool check config "$scratch/prometheus.yml"
 
-if ((failures)); then
-  echo "check-deploy-files: $failures check(s) failed" >&2
-  exit 1
-fi
+finish check-deploy-files

@@ -11,38 +11,19 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 rules=deploy/prometheus/alerts.yml
 rule_tests=deploy/prometheus/alerts.test.yml
 dashboard=deploy/grafana/dashboards/async-data-processor.json
 python=${PYTHON:-$(command -v python3)}
 
-if ! command -v promtool >/dev/null 2>&1; then
-  echo "check-observability: promtool not found; installing the Debian package prometheus" >&2
-  # Without refreshing the package lists first (fast when they are current); refresh them
-  # only if that fails.
-  apt_install() {
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >&2
-  }
-  apt_install || { apt-get update -qq >&2 && apt_install; }
-fi
+need promtool=prometheus
 
-run() {
-  # run <what> <command...>: one line, and the command's output only when it fails.
-  local what=$1 out
-  shift
-  if out=$("$@" 2>&1); then
-    echo "ok   ${what}"
-  else
-    echo "FAIL ${what}"
-    echo "${out}" >&2
-    exit 1
-  fi
-}
-
-run "promtool check rules ${rules}" promtool check rules "${rules}"
-run "promtool test rules ${rule_tests}" promtool test rules "${rule_tests}"
-run "dashboard ${dashboard}: valid JSON, unique panel ids, every panel and target on \${datasource}" \
+check "promtool check rules ${rules}" promtool check rules "${rules}"
+check "promtool test rules ${rule_tests}" promtool test rules "${rule_tests}"
+check "dashboard ${dashboard}: valid JSON, unique panel ids, every panel and target on \${datasource}" \
   "${python}" - "${dashboard}" <<'PY'
 import json
 import sys
@@ -88,3 +69,5 @@ for panel in all_panels:
 if problems:
     sys.exit("\n".join(problems))
 PY
+
+finish check-observability

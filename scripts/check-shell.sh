@@ -3,9 +3,8 @@
 # check). Installs Debian's shellcheck when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v shellcheck >/dev/null 2>&1; then
-  apt-get install -y -qq shellcheck >/dev/null 2>&1 ||
-    { apt-get update -qq >/dev/null && apt-get install -y -qq shellcheck >/dev/null; }
-fi
-shellcheck scripts/*.sh .ci/run
-echo "ok    shellcheck scripts/*.sh .ci/run"
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+need shellcheck=shellcheck
+check "shellcheck scripts/*.sh .ci/run" shellcheck -x scripts/*.sh .ci/run
+finish check-shell
