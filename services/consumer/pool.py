@@ -270,7 +270,7 @@ class Pool:
         if not done:
             if live.abandon():
                 write.cancel()
-                self._timed_out(record, len(live))
+                self._timed_out(record, live)
                 return "timeout"
             # The write committed as the time ran out: it is renaming and syncing now.
             # Wait for it, then ack as usual; never ack before the sink returns.
@@ -283,25 +283,27 @@ class Pool:
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
         self.write_ok = True
         self._errors_in_a_row = 0
-        # Settling is not interrupted by a cancellation (shutdown, retirement).
-        await asyncio.shield(self._acker.batch_written(live))
+        # Counted before the acks: a cancellation while they go out (shutdown, retirement)
+        # must not lose the count, and it does not stop them (shielded).
         self._metrics.batch_entries.observe(len(live))
         self._metrics.batches.labels(self._label).inc()
         self._metrics.processed.labels(self._label, record.id).inc(len(live))
         record.entries += len(live)
         record.batches += 1
+        await asyncio.shield(self._acker.batch_written(live))
         return "written"
 
-    def _timed_out(self, record: WorkerRecord, entries: int) -> None:
+    def _timed_out(self, record: WorkerRecord, batch: Batch) -> None:
         self.write_ok = False  # a hung disk: not ready until a write succeeds again
         self._metrics.worker_timeouts.labels(self._label).inc()
         log.warning(
-            "worker %s (generation %d) spent over %gs on a batch of %d entries: stopped, "
-            "the batch goes to a fresh generation of the slot",
+            "worker %s (generation %d) spent over %gs on a batch of %d entries (attempt %d): "
+            "stopped, the batch goes to a fresh generation of the slot",
             record.id,
             record.generation,
             self._timeout,
-            entries,
+            len(batch),
+            batch.attempts + 1,
         )
 
     async def _write_failed(self, worker: _Worker, batch: Batch, exc: OSError) -> None:
