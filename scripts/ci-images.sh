@@ -274,6 +274,14 @@ for image in "$API_IMAGE" "$CONSUMER_IMAGE"; do
   fi
 done
 
+# The chart runs the operator from the consumer image (the `operator` extra); the API image
+# leaves it out.
+if output=$(podman run --rm --read-only --network none "$CONSUMER_IMAGE" operator --help 2>&1); then
+  ok "consumer image carries the operator (operator --help)"
+else
+  fail "consumer image: operator --help" "$output"
+fi
+
 # --- run as the chart runs them --------------------------------------------------------------
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'

@@ -125,8 +125,16 @@ def _report(exc: ValidationError) -> int:
 
 
 def _operator(args: argparse.Namespace) -> int:
-    # Imported here: kopf is only needed by this command.
-    from services.operator.handlers import run as run_operator
+    # Imported here: kopf (the `operator` extra, in the consumer image) is only needed here.
+    try:
+        from services.operator.handlers import run as run_operator
+    except ImportError as exc:
+        print(
+            f"async-data-processor: the operator needs the `operator` extra ({exc}); "
+            "the consumer image has it",
+            file=sys.stderr,
+        )
+        return 2
     from services.operator.settings import OperatorSettings
 
     try:
