@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from services.api.auth import TokenCheck
 from services.api.ingest import PATH, Ingest
 from services.api.metrics import ApiMetrics
 from services.api.middleware import RequestMetrics
@@ -116,5 +117,6 @@ def create_app(
         shards_count=settings.shards_count,
         max_body_bytes=settings.max_body_bytes,
         retry_after=settings.retry_after_seconds,
+        tokens=TokenCheck.from_settings(settings),
     )
     return ApiApp(ingest, rest)

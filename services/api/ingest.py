@@ -2,8 +2,9 @@
 
 It owns the /message path outright (any other method gets a JSON 405), so requests skip the
 Starlette router and middleware stack; it counts its own request metrics. It is also the one
-edge where ingestion errors become statuses: `InvalidEntries` → 400, `BodyTooLarge` → 413,
-`PublishFailed` → 503 with Retry-After.
+edge where ingestion errors become statuses: no valid bearer token (when tokens are
+configured) → 401, `InvalidEntries` → 400, `BodyTooLarge` → 413, `PublishFailed` → 503 with
+Retry-After.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
+from services.api.auth import TokenCheck
 from services.api.errors import BodyTooLarge, ClientDisconnected, PublishFailed
 from services.api.metrics import ApiMetrics
 from services.api.publisher import Publisher
@@ -31,13 +33,20 @@ Headers = Sequence[tuple[bytes, bytes]]
 
 class Ingest:
     def __init__(
-        self, metrics: ApiMetrics, *, shards_count: int, max_body_bytes: int, retry_after: int
+        self,
+        metrics: ApiMetrics,
+        *,
+        shards_count: int,
+        max_body_bytes: int,
+        retry_after: int,
+        tokens: TokenCheck | None = None,
     ) -> None:
         self._metrics = metrics
         self._shards_count = shards_count
         self._limit = max_body_bytes
         self._retry_after = str(retry_after).encode()
         self._accepted = metrics.accepted_by_shard
+        self._tokens = tokens
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -45,6 +54,18 @@ class Ingest:
         if method != "POST":
             status = 405
             await _respond(send, 405, {"error": "method not allowed"}, [(b"allow", b"POST")])
+        elif self._tokens is not None and not self._tokens.allows(scope["headers"]):
+            status = 401
+            # The body is left unread: close the connection after the answer.
+            await _respond(
+                send,
+                401,
+                {"error": "a valid bearer token is required (Authorization: Bearer <token>)"},
+                [
+                    (b"www-authenticate", b'Bearer realm="async-data-processor"'),
+                    (b"connection", b"close"),
+                ],
+            )
         else:
             try:
                 status = await self._ingest(scope, receive, send)

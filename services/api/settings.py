@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
 
 from services.common.settings import BrokerSettings
 
@@ -52,3 +54,41 @@ class ApiSettings(BrokerSettings):
     access_log: bool = Field(
         False, description="Log one access line per request (off: metrics count requests)."
     )
+    api_tokens: SecretStr | None = Field(
+        None,
+        description=(
+            "Bearer tokens accepted on POST /message, comma-separated; with API_TOKENS_FILE "
+            "unset too, POST /message needs no token."
+        ),
+    )
+    api_tokens_file: Path | None = Field(
+        None,
+        description=(
+            "File with one accepted bearer token a line (e.g. a mounted Secret), read at "
+            "start-up; adds to API_TOKENS."
+        ),
+    )
+
+    @field_validator("api_tokens_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not _read_tokens(value):
+            raise ValueError(f"{value} holds no token (or cannot be read)")
+        return value
+
+    def api_token_list(self) -> list[str]:
+        """Every configured token (never log them)."""
+        tokens = []
+        if self.api_tokens is not None:
+            tokens += [t.strip() for t in self.api_tokens.get_secret_value().split(",")]
+        if self.api_tokens_file is not None:
+            tokens += _read_tokens(self.api_tokens_file)
+        return [token for token in tokens if token]
+
+
+def _read_tokens(path: Path) -> list[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]

@@ -30,7 +30,7 @@ CHART = ROOT / "deploy" / "helm" / "async-data-processor"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "async-data-processor.json"
 CHECK_SCRIPT = ROOT / "scripts" / "check-chart.sh"
 SCENARIOS = ["default", "external-broker", "persistence-off", "three-consumers", "operator"]
-SCENARIOS += ["servicemonitor", "ingress"]
+SCENARIOS += ["servicemonitor", "ingress", "api-auth"]
 APP_UID = 10001
 RABBITMQ_UID = 999
 # The fields a pod of each service reads (the union: both load the one ConfigMap).
@@ -260,6 +260,14 @@ def test_containers_get_settings_and_the_url_from_a_secret(
     assert source == {"configMapRef": {"name": config_name}}
     env = {item["name"]: item for item in container["env"]}
     assert set(env) <= FIELDS
+    if scenario == "api-auth" and component == "api":
+        # The tokens come as a file mounted from their Secret; only its path is in env.
+        assert env.pop("API_TOKENS_FILE")["value"] == "/etc/adp-auth/tokens"
+        pod = _one(manifests, kind, component)["spec"]["template"]["spec"]
+        (auth,) = [v for v in pod["volumes"] if v["name"] == "auth"]
+        assert auth["secret"]["secretName"] == "adp-api-tokens"
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts["auth"] == {"name": "auth", "mountPath": "/etc/adp-auth", "readOnly": True}
     assert set(env) == {"RABBITMQ_URL"}
     assert set(env["RABBITMQ_URL"]) == {"name", "valueFrom"}
     assert set(env["RABBITMQ_URL"]["valueFrom"]) == {"secretKeyRef"}

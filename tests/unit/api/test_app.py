@@ -133,7 +133,7 @@ async def test_probes_without_broker(client: httpx.AsyncClient) -> None:
 async def test_openapi_describes_the_real_schemas(client: httpx.AsyncClient) -> None:
     document = (await client.get("/openapi.json")).json()
     post = document["paths"]["/message"]["post"]
-    assert set(post["responses"]) == {"201", "400", "413", "503"}
+    assert set(post["responses"]) == {"201", "400", "401", "413", "503"}
     entry = document["components"]["schemas"]["Entry"]
     assert entry["required"] == ["timestamp"]
     assert entry["additionalProperties"] is False
@@ -155,3 +155,32 @@ async def test_metrics_count_requests_with_bounded_labels(client: httpx.AsyncCli
     assert 'adp_api_requests_total{method="other",route="/message",status="405"} 1.0' in text
     assert "/random/path" not in text
     assert "adp_api_broker_connected 0.0" in text
+
+
+@pytest.fixture
+async def guarded() -> AsyncIterator[httpx.AsyncClient]:
+    settings = ApiSettings(rabbitmq_url=NO_BROKER, api_tokens="s3cret-token")
+    async with serve_api(settings) as c:
+        yield c
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic czNjcmV0LXRva2Vu"])
+async def test_with_tokens_configured_a_request_without_a_valid_one_is_401(
+    guarded: httpx.AsyncClient, authorization: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    headers = {"authorization": authorization} if authorization else {}
+    response = await guarded.post("/message", json=VALID, headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert "bearer token" in response.json()["error"]
+    assert "s3cret-token" not in caplog.text
+
+
+async def test_a_valid_token_passes_and_probes_stay_open(guarded: httpx.AsyncClient) -> None:
+    response = await guarded.post(
+        "/message", json=VALID, headers={"authorization": "Bearer s3cret-token"}
+    )
+    assert response.status_code == 503  # past the check; no broker here
+    assert (await guarded.get("/healthz")).status_code == 200
+    assert (await guarded.get("/metrics")).status_code == 200
+    assert (await guarded.get("/readyz")).status_code == 503
