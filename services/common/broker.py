@@ -20,7 +20,7 @@ from types import TracebackType
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
-from aiormq.exceptions import AMQPError, ChannelInvalidStateError
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed
 from pamqp.exceptions import PAMQPException
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,21 @@ class Broker:
     async def _set_up(self, connection: AbstractRobustConnection, delay: float) -> bool:
         try:
             await self._setup(connection)
+        except ChannelPreconditionFailed as exc:
+            # RabbitMQ refuses to redeclare a queue with other arguments (e.g. a changed
+            # QUEUE_MAX_LENGTH): no crash loop, a clear instruction, and not ready until fixed.
+            log.error(
+                "broker %s: a shard queue exists with other arguments than this "
+                "configuration (%s). Set QUEUE_MAX_LENGTH (and the other queue settings) as "
+                "the queues were declared, or drain the queues and delete them "
+                "(rabbitmqctl delete_queue <name>) so they are declared anew; "
+                "retrying in %.1fs",
+                self._shown_url,
+                exc,
+                delay,
+            )
+            await connection.close()
+            return False
         except CONNECTIVITY_ERRORS as exc:
             log.error(
                 "broker %s connected but set-up failed (attempt %d: %s); retrying in %.1fs",

@@ -244,3 +244,26 @@ async def test_starts_without_broker_and_becomes_ready_when_it_comes(
         await ready(client, timeout=10)
         assert (await client.post("/message", json=[entry(50, "late")])).status_code == 201
     assert await depth(amqp, topo.queue_name(0)) == 1
+
+
+async def test_a_queue_declared_with_other_arguments_keeps_it_unready_with_a_clear_log(
+    api: ServeApi,
+    topology: Callable[..., Topology],
+    amqp: AbstractConnection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """RabbitMQ refuses a redeclare with other arguments: no crash, not ready, and the log
+    says what to do."""
+    declared = topology(shards_count=1, max_length=10)
+    async with amqp.channel() as channel:
+        await declared.declare(channel)
+    reconfigured = Topology(declared.prefix, 1, max_length=0)
+    async with api(reconfigured) as client:
+
+        async def told() -> bool:
+            return "exists with other arguments" in caplog.text
+
+        await eventually(told, timeout=10, what="a clear error in the log")
+        assert (await client.get("/readyz")).status_code == 503
+        assert (await client.post("/message", json=[entry(50, "x")])).status_code == 503
+    assert "rabbitmqctl delete_queue" in caplog.text
