@@ -86,9 +86,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                             "content": {"application/json": {"schema": _ECHO}},
                         },
                         "400": _error("Not a non-empty JSON array of valid entries."),
-                        "401": _error(
-                            "Tokens are configured and no valid bearer token was sent."
-                        ),
+                        "401": _error("Tokens are configured and no valid bearer token was sent."),
                         "413": _error("The body is larger than MAX_BODY_BYTES."),
                         "503": _error("The broker cannot take it now; retry.", retry_after=True),
                     },
