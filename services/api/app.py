@@ -117,6 +117,8 @@ def create_app(
         shards_count=settings.shards_count,
         max_body_bytes=settings.max_body_bytes,
         retry_after=settings.retry_after_seconds,
+        body_timeout=settings.body_timeout_seconds,
+        max_inflight=settings.max_inflight_requests,
         tokens=TokenCheck.from_settings(settings),
     )
     return ApiApp(ingest, rest)

@@ -3,12 +3,14 @@
 It owns the /message path outright (any other method gets a JSON 405), so requests skip the
 Starlette router and middleware stack; it counts its own request metrics. It is also the one
 edge where ingestion errors become statuses: no valid bearer token (when tokens are
-configured) → 401, `InvalidEntries` → 400, `BodyTooLarge` → 413, `PublishFailed` → 503 with
+configured) → 401, `InvalidEntries` → 400, a body slower than BODY_TIMEOUT_SECONDS → 408,
+`BodyTooLarge` → 413, `PublishFailed` or more than MAX_INFLIGHT_REQUESTS at once → 503 with
 Retry-After.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -18,7 +20,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from services.api.auth import TokenCheck
-from services.api.errors import BodyTooLarge, ClientDisconnected, PublishFailed
+from services.api.errors import BodyTimeout, BodyTooLarge, ClientDisconnected, PublishFailed
 from services.api.metrics import ApiMetrics
 from services.api.publisher import Publisher
 from services.common.schema import InvalidEntries, dump_entries, parse_entries
@@ -39,6 +41,8 @@ class Ingest:
         shards_count: int,
         max_body_bytes: int,
         retry_after: int,
+        body_timeout: float = 10.0,
+        max_inflight: int = 1000,
         tokens: TokenCheck | None = None,
     ) -> None:
         self._metrics = metrics
@@ -47,6 +51,9 @@ class Ingest:
         self._retry_after = str(retry_after).encode()
         self._accepted = metrics.accepted_by_shard
         self._tokens = tokens
+        self._body_timeout = body_timeout
+        self._max_inflight = max_inflight
+        self._inflight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -66,7 +73,12 @@ class Ingest:
                     (b"connection", b"close"),
                 ],
             )
+        elif self._inflight >= self._max_inflight:
+            status = 503
+            content = {"error": "too many requests in flight; retry later", "reason": "overloaded"}
+            await _respond(send, 503, content, [(b"retry-after", self._retry_after)])
         else:
+            self._inflight += 1
             try:
                 status = await self._ingest(scope, receive, send)
             except ClientDisconnected:
@@ -75,12 +87,15 @@ class Ingest:
                 log.exception("unhandled error in POST %s", PATH)
                 status = 500
                 await _respond(send, 500, {"error": "internal error"})
+            finally:
+                self._inflight -= 1
         self._metrics.observe_request(PATH, method, status, time.perf_counter() - started)
 
     async def _ingest(self, scope: Scope, receive: Receive, send: Send) -> int:
         publisher: Publisher = scope["state"]["publisher"]
         try:
-            body = await self._read_body(scope, receive)
+            async with asyncio.timeout(self._body_timeout):
+                body = await self._read_body(scope, receive)
             entries = parse_entries(body)
             groups = group_by_shard(entries, self._shards_count)
             await publisher.publish(groups)
@@ -92,6 +107,10 @@ class Ingest:
             content = {"error": str(exc), "limit_bytes": exc.limit}
             await _respond(send, 413, content, [(b"connection", b"close")])
             return 413
+        except TimeoutError:  # only the body read is bounded here; publish has its own
+            content = {"error": str(BodyTimeout(self._body_timeout))}
+            await _respond(send, 408, content, [(b"connection", b"close")])
+            return 408
         except PublishFailed as exc:
             content = {
                 "error": f"the broker did not take the entries ({exc.reason}); retry later",

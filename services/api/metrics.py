@@ -73,7 +73,7 @@ class ApiMetrics:
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         # The answers POST /message can give exist at 0 from the start: a dashboard shows
         # "0", and rate() sees the first 503 (a series born at 1 hides it).
-        for status in (201, 400, 401, 413, 503):
+        for status in (201, 400, 401, 408, 413, 503):
             self._child("/message", "POST", status)
 
     def observe_request(self, path: str, method: str, status: int, seconds: float) -> None:

@@ -28,7 +28,7 @@ _ERROR = {
         "limit_bytes": {"type": "integer", "description": "For 413: MAX_BODY_BYTES."},
         "reason": {
             "type": "string",
-            "enum": ["disconnected", "nack", "returned", "timeout"],
+            "enum": ["disconnected", "nack", "returned", "timeout", "overloaded"],
             "description": "For 503: why the broker did not take the entries.",
         },
     },
@@ -87,8 +87,13 @@ def openapi_document(version: str) -> dict[str, Any]:
                         },
                         "400": _error("Not a non-empty JSON array of valid entries."),
                         "401": _error("Tokens are configured and no valid bearer token was sent."),
+                        "408": _error("The body did not arrive within BODY_TIMEOUT_SECONDS."),
                         "413": _error("The body is larger than MAX_BODY_BYTES."),
-                        "503": _error("The broker cannot take it now; retry.", retry_after=True),
+                        "503": _error(
+                            "The broker cannot take it now, or too many requests are in "
+                            "flight; retry.",
+                            retry_after=True,
+                        ),
                     },
                 }
             },

@@ -24,6 +24,24 @@ class ApiSettings(BrokerSettings):
         le=60,
         description="Longest wait, in seconds, for the broker's confirms before a 503.",
     )
+    body_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description=(
+            "Longest time, in seconds, a request body may take to arrive; a slower client "
+            "gets 408 and its connection is closed."
+        ),
+    )
+    max_inflight_requests: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "POST /message requests handled at once (bounds memory: each holds its body); "
+            "past it, 503 at once."
+        ),
+    )
     retry_after_seconds: int = Field(
         1, ge=1, le=3600, description="Retry-After, in seconds, sent with every 503."
     )

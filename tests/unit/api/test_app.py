@@ -133,7 +133,7 @@ async def test_probes_without_broker(client: httpx.AsyncClient) -> None:
 async def test_openapi_describes_the_real_schemas(client: httpx.AsyncClient) -> None:
     document = (await client.get("/openapi.json")).json()
     post = document["paths"]["/message"]["post"]
-    assert set(post["responses"]) == {"201", "400", "401", "413", "503"}
+    assert set(post["responses"]) == {"201", "400", "401", "408", "413", "503"}
     entry = document["components"]["schemas"]["Entry"]
     assert entry["required"] == ["timestamp"]
     assert entry["additionalProperties"] is False
@@ -184,3 +184,41 @@ async def test_a_valid_token_passes_and_probes_stay_open(guarded: httpx.AsyncCli
     assert (await guarded.get("/healthz")).status_code == 200
     assert (await guarded.get("/metrics")).status_code == 200
     assert (await guarded.get("/readyz")).status_code == 503
+
+
+async def _start_slow_request(port: int, declared: int = 1000) -> asyncio.StreamWriter:
+    """A client that sends its headers and a first piece of its body, then stalls."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /message HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n[" % declared)
+    await writer.drain()
+    return writer
+
+
+async def test_a_body_slower_than_the_timeout_gets_408() -> None:
+    settings = ApiSettings(rabbitmq_url=NO_BROKER, body_timeout_seconds=0.5)
+    async with serve_api(settings) as client:
+        port = client.base_url.port
+        assert port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /message HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n[")
+        await writer.drain()
+        started = time.monotonic()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 408")
+    assert 0.4 <= time.monotonic() - started < 2.0
+
+
+async def test_past_max_inflight_requests_the_answer_is_503_at_once() -> None:
+    settings = ApiSettings(rabbitmq_url=NO_BROKER, max_inflight_requests=2, body_timeout_seconds=10)
+    async with serve_api(settings) as client:
+        port = client.base_url.port
+        assert port is not None
+        stalled = [await _start_slow_request(port) for _ in range(2)]
+        await asyncio.sleep(0.2)  # both are inside the handler, waiting for their bodies
+        response = await client.post("/message", json=VALID)
+        for writer in stalled:
+            writer.close()
+    assert response.status_code == 503
+    assert response.json()["reason"] == "overloaded"
+    assert "retry-after" in response.headers
