@@ -47,6 +47,23 @@ class BrokerSettings(BaseSettings):
             "API and consumer must agree."
         ),
     )
+    queue_type: Literal["classic", "quorum"] = Field(
+        "classic",
+        description=(
+            "Kind of the shard queues: classic (the Go original's, so its queues drain) or "
+            "quorum (replicated, with a delivery limit and a dead-letter queue <prefix>dead). "
+            "Part of the queues' identity: API and consumer must agree."
+        ),
+    )
+    queue_delivery_limit: int = Field(
+        20,
+        ge=1,
+        le=10_000,
+        description=(
+            "Quorum queues only: deliveries of a message before it goes to the dead-letter "
+            "queue instead of being redelivered again."
+        ),
+    )
     broker_connect_timeout_seconds: float = Field(
         5.0,
         gt=0,

@@ -1,16 +1,20 @@
 """Queue topology, declared from one small declarative object.
 
 One durable queue per shard, `<prefix><n>`, on the default exchange (routing key = queue
-name). Declaring is idempotent; a queue that exists with other arguments makes the broker
-refuse (PRECONDITION_FAILED), which start-up reports as a configuration error.
+name). Classic queues by default (the Go original's kind, so its queues drain); quorum
+queues on request, with a delivery limit: a message redelivered that many times goes to the
+dead-letter queue `<prefix>dead` instead of looping. Declaring is idempotent; a queue that
+exists with other arguments makes the broker refuse (PRECONDITION_FAILED), which start-up
+reports as a configuration error.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from aio_pika.abc import AbstractChannel, AbstractQueue
-from pamqp.common import Arguments
+from pamqp.common import Arguments, FieldTable
 
 from services.common.settings import BrokerSettings
 
@@ -20,10 +24,22 @@ class Topology:
     prefix: str
     shards_count: int
     max_length: int = 0  # messages per queue; 0 = unbounded
+    queue_type: Literal["classic", "quorum"] = "classic"
+    delivery_limit: int = 20  # quorum only: deliveries before a message is dead-lettered
 
     @classmethod
     def from_settings(cls, settings: BrokerSettings) -> Topology:
-        return cls(settings.queue_prefix, settings.shards_count, settings.queue_max_length)
+        return cls(
+            settings.queue_prefix,
+            settings.shards_count,
+            settings.queue_max_length,
+            settings.queue_type,
+            settings.queue_delivery_limit,
+        )
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.prefix}dead"
 
     def queue_name(self, shard: int) -> str:
         if not 0 <= shard < self.shards_count:
@@ -36,17 +52,30 @@ class Topology:
 
     @property
     def queue_arguments(self) -> Arguments:
-        if not self.max_length:
-            return {}
-        # reject-publish: a full queue nacks the publish, so the API can answer 503
-        # instead of the broker silently dropping the oldest messages.
-        return {"x-max-length": self.max_length, "x-overflow": "reject-publish"}
+        arguments: FieldTable = {}
+        if self.max_length:
+            # reject-publish: a full queue nacks the publish, so the API can answer 503
+            # instead of the broker silently dropping the oldest messages.
+            arguments.update({"x-max-length": self.max_length, "x-overflow": "reject-publish"})
+        if self.queue_type == "quorum":
+            arguments.update(
+                {
+                    "x-queue-type": "quorum",
+                    "x-delivery-limit": self.delivery_limit,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": self.dead_letter_queue,
+                }
+            )
+        return arguments
 
     async def declare(self, channel: AbstractChannel) -> list[AbstractQueue]:
         """Declare every shard queue (durable), in shard order."""
         return [await self.declare_one(channel, shard) for shard in range(self.shards_count)]
 
     async def declare_one(self, channel: AbstractChannel, shard: int) -> AbstractQueue:
+        if self.queue_type == "quorum":
+            # Where messages over the delivery limit go (a classic durable queue).
+            await channel.declare_queue(self.dead_letter_queue, durable=True)
         return await channel.declare_queue(
             self.queue_name(shard), durable=True, arguments=self.queue_arguments
         )

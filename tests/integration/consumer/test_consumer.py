@@ -363,3 +363,21 @@ async def test_broker_lost_and_back_the_consumer_resumes_by_itself(
     assert {e["value"] for e in lines} == {e["value"] for e in entries(5, "before")} | {
         e["value"] for e in entries(5, "during")
     }
+
+
+async def test_quorum_queues_are_consumed_the_same(
+    settings: Settings, topology: Callable[..., Topology], amqp: AbstractConnection
+) -> None:
+    base = topology(shards_count=2)
+    topo = Topology(base.prefix, 2, queue_type="quorum", delivery_limit=5)
+    config = settings(topo, queue_type="quorum", queue_delivery_limit=5)
+    sent = entries(40, "q")
+    try:
+        await publish(amqp, topo, sent, per_message=3)
+        async with run_consumer(config):
+            lines = await lines_reach(config.data_output_dir, len(sent))
+        assert sorted(e["value"] for e in lines) == sorted(e["value"] for e in sent)
+        assert await depth(amqp, topo.queue_name(0)) == 0
+    finally:
+        async with amqp.channel() as channel:
+            await channel.queue_delete(topo.dead_letter_queue)

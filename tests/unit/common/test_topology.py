@@ -19,3 +19,14 @@ def test_bounded_queues_reject_publishes_instead_of_dropping() -> None:
         "x-max-length": 10,
         "x-overflow": "reject-publish",
     }
+
+
+def test_quorum_queues_have_a_delivery_limit_and_a_dead_letter_queue() -> None:
+    topo = Topology("q_", 2, queue_type="quorum", delivery_limit=3)
+    assert topo.queue_arguments == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": 3,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "q_dead",
+    }
+    assert topo.dead_letter_queue == "q_dead"
