@@ -1,7 +1,8 @@
 """The broker connection: opened in the background, never a reason to crash.
 
 Both services must start and answer /healthz without a broker (a pod must not crash-loop
-because RabbitMQ is late), so `Broker` connects in a background task, retrying with capped
+because RabbitMQ is late), so `Broker` connects (aio-pika's robust connection, as
+`connect_robust` makes it) in a background task, retrying with capped
 exponential backoff and a log line per attempt. Once the first connection is made, aio-pika's
 robust connection restores itself (and its channels) after a loss; `connected` tells the
 readiness probes the truth in between.
@@ -20,6 +21,7 @@ from types import TracebackType
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
+from aio_pika.connection import make_url
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed
 from pamqp.exceptions import PAMQPException
 
@@ -92,12 +94,7 @@ class Broker:
         while True:
             self.attempts += 1
             try:
-                connection = await aio_pika.connect_robust(
-                    self._url,
-                    timeout=self._connect_timeout,
-                    client_properties={"connection_name": self._name},
-                    reconnect_interval=1,
-                )
+                connection = await self._connect_robust()
             except CONNECTIVITY_ERRORS as exc:
                 log.warning(
                     "broker %s unreachable (attempt %d: %s); retrying in %.1fs",
@@ -111,6 +108,22 @@ class Broker:
                     return
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._retry_max)
+
+    async def _connect_robust(self) -> AbstractRobustConnection:
+        """What `aio_pika.connect_robust` does, keeping hold of the connection object so a
+        failed attempt is closed here rather than left to the garbage collector (whose
+        close would run outside any event loop)."""
+        connection = aio_pika.RobustConnection(
+            make_url(self._url, reconnect_interval=1),
+            client_properties={"connection_name": self._name},
+            reconnect_interval=1,
+        )
+        try:
+            await connection.connect(timeout=self._connect_timeout)
+        except BaseException:
+            await connection.close()
+            raise
+        return connection
 
     async def _set_up(self, connection: AbstractRobustConnection, delay: float) -> bool:
         try:
