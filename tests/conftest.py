@@ -11,6 +11,7 @@ import pytest
 from aio_pika.abc import AbstractConnection
 
 from services.common.topology import Topology
+from tests.support.tcp_proxy import TcpProxy
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -62,3 +63,11 @@ async def topology(
         for topo in made:
             for name in topo.queue_names:
                 await channel.queue_delete(name)
+
+
+@pytest.fixture
+async def proxy(rabbitmq_url: str) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy to the broker, owned by the test (not started); cut after the test."""
+    the_proxy = TcpProxy.to_broker(rabbitmq_url)
+    yield the_proxy
+    await the_proxy.cut()

@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 from aio_pika.abc import AbstractConnection
-from yarl import URL
 
 from services.common.topology import Topology
 from tests.support.consumer import written_lines
@@ -154,14 +153,13 @@ async def test_a_second_signal_exits_at_once(
 ) -> None:
     """The drain is held up by a broker that stopped answering; a second SIGTERM ends the
     process at once (status 130), and nothing it had not acked is lost."""
-    url = URL(rabbitmq_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5672)
+    proxy = TcpProxy.to_broker(rabbitmq_url)
     await proxy.start()
     topo = topology()
     out = tmp_path / "out"
     port = free_port()
     env = consumer_env(topo, out, port, rabbitmq_url)
-    via = {**env, "RABBITMQ_URL": str(url.with_host("127.0.0.1").with_port(proxy.port))}
+    via = {**env, "RABBITMQ_URL": proxy.url}
     await publish(amqp, topo, entries(2000, "twice"), per_message=1)
     try:
         with ServiceProcess("message-consumer", via, tmp_path / "c.log") as proc:

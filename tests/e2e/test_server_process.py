@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 import pytest
 from aio_pika.abc import AbstractConnection
-from yarl import URL
 
 from services.common.topology import Topology
 from tests.support.net import free_port
@@ -119,13 +118,12 @@ async def test_sigterm_lets_an_in_flight_request_finish(
 ) -> None:
     """A request waiting for its confirm when SIGTERM comes still gets its answer (201),
     then the process exits 0."""
-    url = URL(rabbitmq_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5672)
+    proxy = TcpProxy.to_broker(rabbitmq_url)
     await proxy.start()
     topo = topology()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    via = str(url.with_host("127.0.0.1").with_port(proxy.port))
+    via = proxy.url
     try:
         with server(topo, port, tmp_path, via) as proc:
             await proc.wait_ready(base)

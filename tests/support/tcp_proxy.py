@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from yarl import URL
+
 from tests.support.net import free_port
 
 
@@ -13,11 +15,20 @@ class TcpProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.port = free_port()
+        self.url = ""  # the broker URL through the proxy (see to_broker)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
+
+    @classmethod
+    def to_broker(cls, broker_url: str) -> TcpProxy:
+        """A proxy to the broker of `broker_url`; its `url` reaches the broker through it."""
+        url = URL(broker_url)
+        proxy = cls(url.host or "127.0.0.1", url.port or 5672)
+        proxy.url = str(url.with_host("127.0.0.1").with_port(proxy.port))
+        return proxy
 
     async def start(self) -> None:
         """Listen (again) on the proxy's port."""

@@ -7,14 +7,13 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import httpx
 import pytest
 from aio_pika.abc import AbstractConnection
-from yarl import URL
 
 from services.api.settings import ApiSettings
 from services.common.topology import Topology
@@ -154,24 +153,12 @@ async def test_unroutable_publish_is_503_not_a_silent_drop(
     assert response.json()["reason"] == "returned"
 
 
-def via(proxy: TcpProxy, rabbitmq_url: str) -> str:
-    return str(URL(rabbitmq_url).with_host("127.0.0.1").with_port(proxy.port))
-
-
-@pytest.fixture
-async def proxy(rabbitmq_url: str) -> AsyncIterator[TcpProxy]:
-    url = URL(rabbitmq_url)
-    the_proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5672)
-    yield the_proxy
-    await the_proxy.cut()
-
-
 async def test_broker_lost_gives_fast_503_and_recovers_without_restart(
     api: ServeApi, topology: Callable[..., Topology], proxy: TcpProxy, rabbitmq_url: str
 ) -> None:
     topo = topology()
     await proxy.start()
-    async with api(topo, url=via(proxy, rabbitmq_url), publish_timeout_seconds=2) as client:
+    async with api(topo, url=proxy.url, publish_timeout_seconds=2) as client:
         await ready(client)
         assert (await client.post("/message", json=[entry(50, "before")])).status_code == 201
 
@@ -206,7 +193,7 @@ async def test_stalled_broker_gives_503_within_the_publish_timeout(
     with it, unsent, so after the stall only the sent one can arrive (at-least-once)."""
     topo = topology(shards_count=1)
     await proxy.start()
-    async with api(topo, url=via(proxy, rabbitmq_url), publish_timeout_seconds=1) as client:
+    async with api(topo, url=proxy.url, publish_timeout_seconds=1) as client:
         await ready(client)
         proxy.pause()
         started = time.monotonic()
@@ -236,7 +223,7 @@ async def test_starts_without_broker_and_becomes_ready_when_it_comes(
     amqp: AbstractConnection,
 ) -> None:
     topo = topology()
-    async with api(topo, url=via(proxy, rabbitmq_url), broker_retry_max_seconds=0.5) as client:
+    async with api(topo, url=proxy.url, broker_retry_max_seconds=0.5) as client:
         assert (await client.get("/healthz")).status_code == 200
         assert (await client.get("/readyz")).status_code == 503
         assert (await client.post("/message", json=[entry(50, "early")])).status_code == 503

@@ -7,14 +7,13 @@ import asyncio
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aio_pika.abc import AbstractConnection
-from yarl import URL
 
 from services.common.topology import Topology
 from services.consumer.settings import ConsumerSettings
@@ -325,15 +324,6 @@ def _ready(consumer: RunningConsumer) -> Callable[[], Any]:
     return probe
 
 
-@pytest.fixture
-async def proxy(rabbitmq_url: str) -> AsyncIterator[TcpProxy]:
-    url = URL(rabbitmq_url)
-    the_proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5672)
-    await the_proxy.start()
-    yield the_proxy
-    await the_proxy.cut()
-
-
 async def test_broker_lost_and_back_the_consumer_resumes_by_itself(
     settings: Settings,
     topology: Callable[..., Topology],
@@ -342,8 +332,8 @@ async def test_broker_lost_and_back_the_consumer_resumes_by_itself(
     rabbitmq_url: str,
 ) -> None:
     topo = topology(shards_count=1)
-    via = str(URL(rabbitmq_url).with_host("127.0.0.1").with_port(proxy.port))
-    config = settings(topo, rabbitmq_url=via)
+    await proxy.start()
+    config = settings(topo, rabbitmq_url=proxy.url)
     async with run_consumer(config) as consumer:
         await eventually(_ready(consumer), timeout=10, what="consumer ready")
         await publish(amqp, topo, entries(5, "before"), per_message=5)
