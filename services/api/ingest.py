@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -23,13 +24,15 @@ from services.api.auth import TokenCheck
 from services.api.errors import BodyTimeout, BodyTooLarge, ClientDisconnected, PublishFailed
 from services.api.metrics import ApiMetrics
 from services.api.publisher import Publisher
-from services.common.schema import InvalidEntries, dump_entries, parse_entries
+from services.common.schema import EntryError, InvalidEntries, dump_entries, parse_entries
 from services.common.sharding import group_by_shard
+from services.common.wire import IDEMPOTENCY_KEY_MAX_LENGTH
 
 log = logging.getLogger(__name__)
 
 PATH = "/message"
 _JSON = (b"content-type", b"application/json")
+_VISIBLE = re.compile(rb"[\x21-\x7e]+")
 Headers = Sequence[tuple[bytes, bytes]]
 
 
@@ -96,9 +99,10 @@ class Ingest:
         try:
             async with asyncio.timeout(self._body_timeout):
                 body = await self._read_body(scope, receive)
+            key = _idempotency_key(scope["headers"])
             entries = parse_entries(body)
             groups = group_by_shard(entries, self._shards_count)
-            await publisher.publish(groups)
+            await publisher.publish(groups, key)
         except InvalidEntries as exc:
             await _respond(send, 400, _invalid(exc))
             return 400
@@ -143,6 +147,23 @@ class Ingest:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _idempotency_key(headers: Headers) -> bytes | None:
+    """The request's Idempotency-Key: 1..255 visible ASCII characters, or absent."""
+    for name, value in headers:
+        if name == b"idempotency-key":
+            if not 0 < len(value) <= IDEMPOTENCY_KEY_MAX_LENGTH or not _VISIBLE.fullmatch(value):
+                raise InvalidEntries(
+                    [
+                        EntryError(
+                            "the Idempotency-Key header must be 1 to "
+                            f"{IDEMPOTENCY_KEY_MAX_LENGTH} visible ASCII characters"
+                        )
+                    ]
+                )
+            return value
+    return None
 
 
 def _invalid(exc: InvalidEntries) -> dict[str, Any]:

@@ -12,8 +12,9 @@ Guarantee: `publish` returns only after the broker confirmed (persistent message
 queues, `mandatory`) every message holding the request's entries; otherwise it raises
 `PublishFailed`. A request that gives up before its part was sent withdraws the part, so a
 503 leaves nothing of it behind in that case. A confirm that is lost with the connection is
-indistinguishable from a failure: the request gets a 503, the client retries, and the
-consumer may see those entries twice (at-least-once).
+indistinguishable from a failure: the request gets a 503 and the client retries; with the
+same Idempotency-Key the retry's parts carry the same ids (`services.common.wire`), so the
+consumer writes those entries once; without one it may write them twice.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from services.api.metrics import ApiMetrics
 from services.common.broker import CONNECTIVITY_ERRORS
 from services.common.schema import Entry, dump_entries
 from services.common.topology import Topology
+from services.common.wire import PARTS_HEADER, key_id, part_spec
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,9 @@ class Publisher(Protocol):
     @property
     def ready(self) -> bool: ...
 
-    async def publish(self, groups: dict[int, list[Entry]]) -> None:
+    async def publish(self, groups: dict[int, list[Entry]], key: bytes | None = None) -> None:
         """Return once every group is confirmed into its shard's queue; else raise
-        `PublishFailed`."""
+        `PublishFailed`. `key`: the request's Idempotency-Key, if it has one."""
 
 
 @dataclass(eq=False, slots=True)
@@ -55,6 +57,7 @@ class _Message:
     """Parts of one or more requests bound for one shard, sent as one AMQP message."""
 
     parts: list[bytes] = field(default_factory=list)
+    specs: list[str] = field(default_factory=list)  # per part, for the x-adp-parts header
     entries: int = 0
     size: int = 0
     sent: bool = False
@@ -113,14 +116,15 @@ class GroupCommitPublisher:
             and not channel.is_closed
         )
 
-    async def publish(self, groups: dict[int, list[Entry]]) -> None:
+    async def publish(self, groups: dict[int, list[Entry]], key: bytes | None = None) -> None:
         if not self.ready:
             self._metrics.publish_failures.labels("disconnected").inc()
             raise PublishFailed("disconnected", "the broker is not connected")
         joined = []
         for shard, group in groups.items():
             part = dump_entries(group)
-            joined.append((self._join(shard, part, len(group)), part, len(group)))
+            spec = part_spec(len(group), key_id(key, part) if key else None)
+            joined.append((self._join(shard, part, spec, len(group)), part, len(group)))
         waits = [message.done for message, _, _ in joined]
         if not await _all_done(waits, self._timeout):
             self._withdraw(joined)
@@ -135,13 +139,14 @@ class GroupCommitPublisher:
         if self._sending:
             await asyncio.wait(self._sending, timeout=timeout)
 
-    def _join(self, shard_index: int, part: bytes, entries: int) -> _Message:
+    def _join(self, shard_index: int, part: bytes, spec: str, entries: int) -> _Message:
         shard = self._shards[shard_index]
         message = shard.waiting[-1] if shard.waiting else None
         if message is None or (message.parts and message.size + len(part) > self._max_bytes):
             message = _Message()
             shard.waiting.append(message)
         message.parts.append(part)
+        message.specs.append(spec)
         message.entries += entries
         message.size += len(part)
         if not shard.flush_scheduled and shard.inflight < self._max_inflight:
@@ -157,6 +162,7 @@ class GroupCommitPublisher:
             # By identity: an equal part of another request must stay.
             index = next(i for i, p in enumerate(message.parts) if p is part)
             del message.parts[index]
+            del message.specs[index]
             message.entries -= entries
             message.size -= len(part)
 
@@ -207,7 +213,7 @@ class GroupCommitPublisher:
             content_type="application/json",
             delivery_mode=DeliveryMode.PERSISTENT,
             message_id=uuid.uuid4().hex,
-            headers={"x-adp-entries": message.entries},
+            headers={"x-adp-entries": message.entries, PARTS_HEADER: ",".join(message.specs)},
         )
         try:
             await channel.default_exchange.publish(

@@ -81,6 +81,34 @@ async def test_entries_land_in_their_shard_queues_once_with_contract_properties(
             assert message.delivery_mode == 2  # persistent
             assert message.message_id
             assert message.headers["x-adp-entries"] == len(json.loads(message.body))
+            assert message.headers["x-adp-parts"] == str(len(json.loads(message.body)))
+
+
+async def test_a_retry_with_the_same_idempotency_key_carries_the_same_part_ids(
+    api: ServeApi, topology: Callable[..., Topology], amqp: AbstractConnection
+) -> None:
+    """What the consumer's ledger de-duplicates by: the same key and body give the same
+    part ids in new messages; another body under the key, or no key, gives others."""
+    topo = topology(shards_count=2)
+    body = [entry(50, "a"), entry(51, "b"), entry(52, "c")]
+    async with api(topo) as client:
+        await ready(client)
+        for key, sent in (
+            ("order-1", body),
+            ("order-1", body),
+            ("order-1", body[:2]),
+            (None, body),
+        ):
+            headers = {"Idempotency-Key": key} if key else {}
+            response = await client.post("/message", json=sent, headers=headers)
+            assert response.status_code == 201
+    for name in topo.queue_names:
+        specs = [str(m.headers["x-adp-parts"]) for m in await drain(amqp, name)]
+        assert len(specs) == 4
+        assert specs[0] == specs[1]  # the retry
+        assert "@k" in specs[0]
+        assert specs[2] != specs[0] or name == topo.queue_name(1)  # shard 1 holds "b" only
+        assert "@" not in specs[3]  # no key: named by message id at the consumer
 
 
 @pytest.mark.parametrize("max_message_bytes", [1_048_576, 1024])

@@ -56,6 +56,15 @@ async def test_bad_entry_400_names_index_and_field(client: httpx.AsyncClient) ->
     assert document["error_count"] == 1
 
 
+@pytest.mark.parametrize("key", ["", "x" * 256, "has space", "tab\there", "caf\u00e9"])
+async def test_a_bad_idempotency_key_is_400(client: httpx.AsyncClient, key: str) -> None:
+    response = await client.post(
+        "/message", json=VALID, headers=[(b"Idempotency-Key", key.encode("utf-8"))]
+    )
+    assert response.status_code == 400
+    assert "Idempotency-Key" in response.json()["error"]
+
+
 async def test_timestamp_that_names_no_instant_is_400(client: httpx.AsyncClient) -> None:
     response = await client.post("/message", json=[{"timestamp": "2019-02-30T00:00:00Z"}])
     assert response.status_code == 400

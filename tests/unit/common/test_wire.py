@@ -1,0 +1,36 @@
+"""The parts header: what de-duplication names entries by."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.wire import Part, key_id, parse_parts, part_spec
+
+
+def test_a_retry_of_the_same_request_gets_the_same_id_another_body_another() -> None:
+    part = b'[{"timestamp":"2019-10-12T07:20:50.52Z","value":"a"}]'
+    assert key_id(b"k-1", part) == key_id(b"k-1", part)
+    assert key_id(b"k-1", part) != key_id(b"k-2", part)
+    assert key_id(b"k-1", part) != key_id(b"k-1", part.replace(b'"a"', b'"b"'))
+    long_key = b"x" * 200
+    assert key_id(long_key, part) != key_id(long_key[:64], part)  # the whole key counts
+    assert key_id(b"k-1", part).startswith("k")
+
+
+def test_parts_are_read_in_order_keyed_or_named_by_message_and_position() -> None:
+    header = f"{part_spec(2, None)},{part_spec(3, 'kabc')},{part_spec(1, None)}"
+    assert parse_parts(header, "m1", 6) == [
+        Part("m1/0", 0, 2),
+        Part("kabc", 2, 5, keyed=True),
+        Part("m1/2", 5, 6),
+    ]
+    assert parse_parts(header.encode(), "m1", 6)[1].keyed  # bytes, as a broker may give
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "", "x", "2,3", "2,,3", "-1,7", 5, ["2", "3"]],
+)
+def test_a_missing_or_malformed_header_makes_the_message_one_part(header: object) -> None:
+    assert parse_parts(header, "m1", 6) == [Part("m1", 0, 6)]
+    assert parse_parts(header, None, 6) == [Part(None, 0, 6)]  # not identifiable
