@@ -61,7 +61,7 @@ async def topology(
     yield make
     async with amqp.channel() as channel:
         for topo in made:
-            for name in topo.queue_names:
+            for name in [*topo.queue_names, topo.dead_letter_queue]:
                 await channel.queue_delete(name)
 
 

@@ -3,7 +3,8 @@
 One durable queue per shard, `<prefix><n>`, on the default exchange (routing key = queue
 name). Classic queues by default (the Go original's kind, so its queues drain); quorum
 queues on request, with a delivery limit: a message redelivered that many times goes to the
-dead-letter queue `<prefix>dead` instead of looping. Declaring is idempotent; a queue that
+dead-letter queue `<prefix>dead` instead of looping. The consumer moves poison messages
+(no valid entries) to the same queue, for either type. Declaring is idempotent; a queue that
 exists with other arguments makes the broker refuse (PRECONDITION_FAILED), which start-up
 reports as a configuration error.
 """
@@ -72,10 +73,14 @@ class Topology:
         """Declare every shard queue (durable), in shard order."""
         return [await self.declare_one(channel, shard) for shard in range(self.shards_count)]
 
+    async def declare_dead_letter(self, channel: AbstractChannel) -> AbstractQueue:
+        """The shared dead-letter queue (classic, durable): poison messages the consumer
+        moves there, and, for quorum queues, messages past the delivery limit."""
+        return await channel.declare_queue(self.dead_letter_queue, durable=True)
+
     async def declare_one(self, channel: AbstractChannel, shard: int) -> AbstractQueue:
         if self.queue_type == "quorum":
-            # Where messages over the delivery limit go (a classic durable queue).
-            await channel.declare_queue(self.dead_letter_queue, durable=True)
+            await self.declare_dead_letter(channel)
         return await channel.declare_queue(
             self.queue_name(shard), durable=True, arguments=self.queue_arguments
         )

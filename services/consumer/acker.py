@@ -3,7 +3,7 @@
 A delivery is acked when every one of its entries is in a durably written file (or, for a
 message with no valid entries, when its body is kept under .rejected/). The ack cannot be
 interrupted by cancellation. An ack that fails because its channel died is not an error:
-the broker redelivers the message (so its entries may be written twice: at-least-once).
+the broker redelivers the message, and the ledger keeps its entries from being written twice.
 """
 
 from __future__ import annotations
@@ -13,18 +13,20 @@ import logging
 
 from services.common.broker import CONNECTIVITY_ERRORS
 from services.consumer.batch import Batch, Delivery
+from services.consumer.ledger import Ledger
 from services.consumer.metrics import ConsumerMetrics
 
 log = logging.getLogger(__name__)
 
 
 class Acker:
-    def __init__(self, metrics: ConsumerMetrics) -> None:
+    def __init__(self, metrics: ConsumerMetrics, ledger: Ledger | None = None) -> None:
         self._metrics = metrics
+        self._ledger = ledger
         self.acked = 0
 
     async def batch_written(self, batch: Batch) -> None:
-        for delivery, count in batch.sources:
+        for delivery, count, _ in batch.sources:
             if delivery.written(count):
                 await self.ack(delivery)
 
@@ -36,6 +38,8 @@ class Acker:
             log.info("ack lost with its channel (%s); the broker will redeliver", exc)
         else:
             self.acked += 1
+            if self._ledger is not None:
+                self._ledger.acked(delivery)
 
     async def requeue(self, delivery: Delivery) -> None:
         """Give a message back to the broker, for another attempt."""

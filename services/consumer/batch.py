@@ -14,27 +14,45 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import AbstractChannel as RawChannel
 
 from services.common.schema import Entry
+from services.common.wire import PARTS_HEADER, Part, parse_parts
 
 
 @dataclass(eq=False, slots=True)
 class Delivery:
-    """One AMQP message and how many of its entries are not yet in a written file."""
+    """One AMQP message and how many of its entries are not yet in a written file.
+
+    `parts` name its entries for the ledger; `check` says whether they may already be
+    written (a redelivery, or a client's retry with an Idempotency-Key), so the ledger must
+    be consulted before writing them."""
 
     message: AbstractIncomingMessage
     pending: int
     complete: bool = False
+    parts: tuple[Part, ...] = ()
+    check: bool = False
+    # The channel it came on, taken at arrival: aio-pika's `message.channel` raises once
+    # the channel is closed, which is exactly when it matters here.
+    channel: RawChannel | None = None
+
+    @classmethod
+    def of(cls, message: AbstractIncomingMessage, count: int) -> Delivery:
+        """A delivery of `count` valid entries, named for the ledger."""
+        parts = parse_parts(message.headers.get(PARTS_HEADER), message.message_id, count)
+        check = bool(message.redelivered) or any(part.keyed for part in parts)
+        return cls(message, count, parts=tuple(parts), check=check, channel=message.channel)
 
     @property
     def stale(self) -> bool:
         """Its channel is gone: it can no longer be acked, and the broker redelivers it, so
         writing its entries now would only write them twice."""
-        return bool(self.message.channel.is_closed)
+        return self.channel is not None and bool(self.channel.is_closed)
 
     def written(self, count: int) -> bool:
         """`count` more entries are durable; True when this completes the delivery."""
@@ -51,8 +69,13 @@ class Batch:
 
     shard: int
     entries: list[Entry] = field(default_factory=list)
-    sources: list[tuple[Delivery, int]] = field(default_factory=list)
+    # (delivery, how many of its entries this batch settles, index of the first of them in
+    # the delivery). Normally `entries` is the concatenation of those slices; a batch the
+    # ledger trimmed (`only`) writes fewer entries but still settles them all.
+    sources: list[tuple[Delivery, int, int]] = field(default_factory=list)
     attempts: int = 0
+    # What the file holds, for the ledger: (part id, first, end) ranges, in file order.
+    spans: list[tuple[str, int, int]] = field(default_factory=list)
     # A worker that times out is abandoned while its write may still be running in a
     # thread: the write commits (renames) only if the batch was not abandoned, and the
     # abandon succeeds only if it did not commit. The lock makes the two exclusive.
@@ -62,9 +85,9 @@ class Batch:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def add(self, delivery: Delivery, entries: list[Entry]) -> None:
+    def add(self, delivery: Delivery, entries: list[Entry], start: int = 0) -> None:
         self.entries.extend(entries)
-        self.sources.append((delivery, len(entries)))
+        self.sources.append((delivery, len(entries), start))
 
     def commit(self) -> bool:
         """Called by the writer just before the rename: False if it was abandoned."""
@@ -85,17 +108,35 @@ class Batch:
     def without_stale(self) -> Batch:
         """This batch without the entries of stale deliveries (itself if there are none).
         A delivery's entries are contiguous in a batch, in the order of `sources`."""
-        if not any(delivery.stale for delivery, _ in self.sources):
+        if not any(delivery.stale for delivery, _, _ in self.sources):
             return self
         entries: list[Entry] = []
-        sources: list[tuple[Delivery, int]] = []
+        sources: list[tuple[Delivery, int, int]] = []
         offset = 0
-        for delivery, count in self.sources:
+        for source in self.sources:
+            delivery, count, _ = source
             if not delivery.stale:
                 entries.extend(self.entries[offset : offset + count])
-                sources.append((delivery, count))
+                sources.append(source)
             offset += count
         return Batch(self.shard, entries, sources, self.attempts)
+
+    def ranges(self) -> Iterator[tuple[Part, int, int, int]]:
+        """For each part of each source: (part, first, end) in the part's own numbering,
+        and where that range starts in `entries`. Only for an untrimmed batch."""
+        offset = 0
+        for delivery, count, start in self.sources:
+            end = start + count
+            for part in delivery.parts:
+                first, last = max(start, part.start), min(end, part.end)
+                if first < last:
+                    yield part, first - part.start, last - part.start, offset + first - start
+            offset += count
+
+    def only(self, entries: list[Entry], spans: list[tuple[str, int, int]]) -> Batch:
+        """This batch writing only `entries` (the ledger found the rest already written),
+        still settling every source."""
+        return Batch(self.shard, entries, self.sources, self.attempts, spans)
 
     def retry(self) -> Batch:
         """The same entries as a fresh batch for the next attempt. A fresh object, because
@@ -130,7 +171,7 @@ class Batcher:
             chunk = entries[start : start + room]
             if not self._batch.entries:
                 self._start_timer()
-            self._batch.add(delivery, chunk)
+            self._batch.add(delivery, chunk, start)
             start += len(chunk)
             if len(self._batch) >= self._size:
                 self.flush()

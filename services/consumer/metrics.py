@@ -72,8 +72,27 @@ class ConsumerMetrics:
         )
         self.rejected = Counter(
             "adp_consumer_rejected_messages_total",
-            "Messages that hold no valid entries, kept under .rejected/ and acked.",
+            "Messages that hold no valid entries: dead-lettered (or, if that fails, kept "
+            "under .rejected/), then acked.",
             ["shard"],
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "adp_consumer_duplicates_skipped_total",
+            "Entries the ledger found already written (a redelivery or a client's retry), "
+            "so not written again.",
+            ["shard"],
+            registry=registry,
+        )
+        self.ledger_parts = Gauge(
+            "adp_consumer_ledger_parts",
+            "Request parts the ledger remembers now.",
+            registry=registry,
+        )
+        self.ledger_forgotten = Counter(
+            "adp_consumer_ledger_forgotten_total",
+            "Parts the ledger forgot before their retention ended, for room "
+            "(LEDGER_MAX_PARTS): a retry of those would be written again.",
             registry=registry,
         )
         self.acks_lost = Counter(
@@ -103,6 +122,7 @@ class ConsumerMetrics:
             self.redeliveries,
             self.write_errors,
             self.rejected,
+            self.duplicates,
         ):
             counter.labels(label)
         for direction in ("up", "down"):

@@ -28,6 +28,7 @@ from typing import Literal
 from services.consumer.acker import Acker
 from services.consumer.batch import Batch
 from services.consumer.history import StopReason, WorkerHistory, WorkerRecord
+from services.consumer.ledger import Ledger
 from services.consumer.metrics import ConsumerMetrics
 from services.consumer.sink import Sink
 
@@ -112,8 +113,10 @@ class Pool:
         workers_min: int,
         workers_max: int,
         timeout: float,
+        ledger: Ledger | None = None,
     ) -> None:
         self.shard = shard
+        self._ledger = ledger
         self.workers_min = workers_min
         self.workers_max = workers_max
         self.queue = BatchQueue()
@@ -258,6 +261,18 @@ class Pool:
         live = batch.without_stale()
         if not live.entries:
             return "written"  # every source's channel died: the broker redelivers them all
+        if self._ledger is None:
+            return await self._write_live(worker, batch, live)
+        live = await self._ledger.admit(live)
+        try:
+            if not live.entries:  # all already in files: settle, write nothing
+                await asyncio.shield(self._acker.batch_written(live))
+                return "written"
+            return await self._write_live(worker, batch, live)
+        finally:
+            self._ledger.release(live)
+
+    async def _write_live(self, worker: _Worker, batch: Batch, live: Batch) -> Outcome:
         record = worker.record
         started = time.perf_counter()
         write = asyncio.ensure_future(self._sink.write(live, record.id))

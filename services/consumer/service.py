@@ -18,13 +18,17 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
+import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
     AbstractRobustConnection,
+    DeliveryMode,
 )
+from aiormq.abc import AbstractChannel as RawChannel
+from aiormq.exceptions import DeliveryError
 from prometheus_client import CollectorRegistry
 
 from services.common.broker import CONNECTIVITY_ERRORS, Broker
@@ -34,10 +38,11 @@ from services.consumer.acker import Acker
 from services.consumer.autoscaler import Autoscaler
 from services.consumer.batch import Batcher, Delivery
 from services.consumer.history import WorkerHistory
+from services.consumer.ledger import Ledger
 from services.consumer.metrics import ConsumerMetrics
 from services.consumer.pool import Pool
 from services.consumer.settings import ConsumerSettings
-from services.consumer.sink import FileSink, Sink
+from services.consumer.sink import FileSink, Sink, safe_host
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,13 @@ DIRECTORY_CHECK_SECONDS = 5.0
 # After the drain: the longest wait for the channels and the connection to close (a stalled
 # broker must not hold the process past its grace period).
 CLOSE_TIMEOUT_SECONDS = 3.0
+# How often acked deliveries are confirmed applied (a barrier) and forgotten by the ledger.
+SETTLE_SECONDS = 2.0
+DEAD_LETTER_ERRORS: tuple[type[BaseException], ...] = (
+    DeliveryError,
+    TimeoutError,
+    *CONNECTIVITY_ERRORS,
+)
 
 
 class BrokerDepthProbe:
@@ -88,8 +100,21 @@ class ConsumerService:
             max_workers=settings.shards_count * settings.workers_max + 2,
             thread_name_prefix="adp-write",
         )
-        self.sink = sink or FileSink(settings.data_output_dir, settings.host_name, self._executor)
-        self.acker = Acker(self.metrics)
+        if sink is None:
+            ledger = None
+            if settings.exactly_once:
+                ledger = Ledger(
+                    settings.data_output_dir,
+                    safe_host(settings.host_name),
+                    retention=settings.ledger_retention_seconds,
+                    max_parts=settings.ledger_max_parts,
+                )
+            sink = FileSink(settings.data_output_dir, settings.host_name, self._executor, ledger)
+        self.sink = sink
+        self.ledger = sink.ledger
+        if self.ledger is not None:
+            self._count_ledger(self.ledger)
+        self.acker = Acker(self.metrics, self.ledger)
         self.pools = [
             Pool(
                 shard,
@@ -100,6 +125,7 @@ class ConsumerService:
                 workers_min=settings.workers_min,
                 workers_max=settings.workers_max,
                 timeout=settings.worker_timeout_seconds,
+                ledger=self.ledger,
             )
             for shard in range(settings.shards_count)
         ]
@@ -118,9 +144,16 @@ class ConsumerService:
         )
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._channels: list[AbstractChannel] = []
+        self._dead: AbstractChannel | None = None  # confirm-mode, for dead-lettering
         self._tasks: list[asyncio.Task[Any]] = []
         self._directory_ok = True
         self.metrics.broker_connected.set_function(lambda: float(self._broker.connected))
+
+    def _count_ledger(self, ledger: Ledger) -> None:
+        duplicates = self.metrics.duplicates
+        ledger.on_skip = lambda shard, count: duplicates.labels(str(shard)).inc(count)
+        ledger.on_forget = self.metrics.ledger_forgotten.inc
+        self.metrics.ledger_parts.set_function(lambda: ledger.parts)
 
     def pools_state(self) -> list[dict[str, int]]:
         """Per shard: live workers and bounds, busy workers, queued batches, and entries
@@ -177,6 +210,8 @@ class ConsumerService:
         ]
         if s.history_log_interval_seconds:
             self._tasks.append(asyncio.create_task(self._log_history(), name="history-log"))
+        if self.ledger is not None:
+            self._tasks.append(asyncio.create_task(self._settle(), name="ledger-settle"))
         log.info(
             "consumer started: %d shards, %d..%d workers each, batches of %d, output %s",
             s.shards_count,
@@ -212,6 +247,11 @@ class ConsumerService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for pool in self.pools:
             await pool.stop()
+        if self.ledger is not None and drained:
+            # The last acks' barrier, so the log left behind holds only what may come back.
+            with contextlib.suppress(TimeoutError, *CONNECTIVITY_ERRORS):
+                async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                    await self.ledger.settle(self._barrier)
         left = sum(pool.queue.pending for pool in self.pools)
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
@@ -239,6 +279,9 @@ class ConsumerService:
         shards cannot be acked then, and the broker redelivers them."""
         channels: list[AbstractChannel] = []
         consumers: list[tuple[AbstractQueue, str]] = []
+        dead = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await self.topology.declare_dead_letter(dead)
+        self._dead = dead
         for shard in range(self.settings.shards_count):
             channel = await connection.channel()
             channels.append(channel)
@@ -260,27 +303,73 @@ class ConsumerService:
             except InvalidEntries as exc:
                 await self._reject(shard, message, str(exc))
                 return
-            batcher.add(Delivery(message, len(entries)), entries)
+            batcher.add(Delivery.of(message, len(entries)), entries)
 
         return on_message
 
     async def _reject(self, shard: int, message: AbstractIncomingMessage, reason: str) -> None:
-        """A message with no valid entries: keep its body under .rejected/, then ack it."""
-        try:
-            name = await self.sink.reject(message.body, reason, message.message_id)
-        except OSError as exc:
-            log.warning("could not keep a rejected message (%s); requeueing it", exc)
-            await self.acker.requeue(Delivery(message, 0))
-            return
+        """A message with no valid entries (a poison message: someone published it by hand)
+        goes to the dead-letter queue with the reason in a header, then is acked, so the
+        shard keeps flowing. If the broker does not take it there, its body is kept under
+        .rejected/ instead; if that fails too, it is requeued."""
+        where = await self._dead_letter(shard, message, reason)
+        if where is None:
+            try:
+                where = await self.sink.reject(message.body, reason, message.message_id)
+            except OSError as exc:
+                log.warning("could not keep a rejected message (%s); requeueing it", exc)
+                await self.acker.requeue(Delivery(message, 0))
+                return
         self.metrics.rejected.labels(str(shard)).inc()
         log.warning(
-            "shard %d: message %s has no valid entries (%s); kept as %s",
+            "shard %d: message %s has no valid entries (%s); moved to %s",
             shard,
             message.message_id,
             reason,
-            name,
+            where,
         )
         await self.acker.ack(Delivery(message, 0))
+
+    async def _dead_letter(
+        self, shard: int, message: AbstractIncomingMessage, reason: str
+    ) -> str | None:
+        channel, queue = self._dead, self.topology.dead_letter_queue
+        if channel is None or channel.is_closed:
+            return None
+        headers = dict(message.headers)
+        headers.update(
+            {
+                "x-adp-reason": reason[:1000],
+                "x-adp-shard": shard,
+                "x-adp-source-queue": self.topology.queue_name(shard),
+            }
+        )
+        dead = aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            message_id=message.message_id,
+            delivery_mode=DeliveryMode.PERSISTENT,
+        )
+        try:
+            await channel.default_exchange.publish(
+                dead, routing_key=queue, mandatory=True, timeout=CLOSE_TIMEOUT_SECONDS
+            )
+        except DEAD_LETTER_ERRORS as exc:
+            log.warning("could not dead-letter a message to %s: %s", queue, exc)
+            return None
+        return f"queue {queue}"
+
+    async def _settle(self) -> None:
+        assert self.ledger is not None
+        while True:
+            await asyncio.sleep(SETTLE_SECONDS)
+            await self.ledger.settle(self._barrier)
+
+    async def _barrier(self, channel: RawChannel) -> None:
+        """A synchronous round trip on a consumer channel: once answered, the broker has
+        applied every ack sent on it before (the prefetch is set to what it already is)."""
+        await channel.basic_qos(prefetch_count=self.settings.prefetch, timeout=5)
 
     async def _stop_consuming(self) -> None:
         for queue, tag in self._consumers:

@@ -89,6 +89,27 @@ class ConsumerSettings(BrokerSettings):
     history_limit: int = Field(
         1000, ge=10, description="Stopped worker generations kept in /workers (oldest dropped)."
     )
+    exactly_once: bool = Field(
+        True,
+        description="Keep a ledger of the entries already written (in DATA_OUTPUT_DIR/.ledger/"
+        "), so a redelivered message or a client's retry with the same Idempotency-Key is "
+        "not written twice. Off: at-least-once, one fsync less per file.",
+    )
+    ledger_retention_seconds: float = Field(
+        3600.0,
+        gt=0,
+        le=7 * 86400,
+        description="How long the ledger remembers entries sent with an Idempotency-Key "
+        "(a retry later than this is written again), and unsettled ones.",
+    )
+    ledger_max_parts: int = Field(
+        1_000_000,
+        ge=1000,
+        le=100_000_000,
+        description="Most request parts the ledger remembers (about 200 bytes of memory "
+        "each); past it the oldest are forgotten (counted in "
+        "adp_consumer_ledger_forgotten_total).",
+    )
     host_name: str = Field(
         default_factory=socket.gethostname,
         min_length=1,

@@ -3,7 +3,8 @@ fsynced. A file under its final name is always complete.
 
 File name: `<host>_<shard>-<slot>_<UTC time>_<seq>.jsonl` (host = pod name, so replicas
 sharing a volume never collide). Temporary files and everything else the consumer keeps
-here start with "." (`.<name>.tmp`, `.rejected/`).
+here start with "." (`.<name>.tmp`, `.rejected/`, `.ledger/`). With a ledger, each file
+is recorded there (durably) just before its rename, and confirmed just after.
 
 The blocking work runs on the executor the sink is given (one thread per possible worker,
 so a slow disk delays only the batches on it).
@@ -24,6 +25,7 @@ from typing import Protocol
 from pydantic_core import to_json
 
 from services.consumer.batch import Batch
+from services.consumer.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,12 @@ class Abandoned(Exception):
 
 class Sink(Protocol):
     """Where batches go. `write` returns once the batch is durable (or raises OSError, or
-    `Abandoned`); it must commit through `batch.commit()` just before making it visible."""
+    `Abandoned`); it must commit through `batch.commit()` just before making it visible,
+    and record the file in its ledger, if it has one, as `FileSink` does."""
+
+    @property
+    def ledger(self) -> Ledger | None:
+        """What the pool consults before a write (None: at-least-once)."""
 
     def prepare(self) -> int:
         """Make the destination ready at start-up; returns leftovers cleaned up."""
@@ -55,13 +62,20 @@ def safe_host(name: str) -> str:
 
 
 class FileSink:
-    def __init__(self, directory: Path, host: str, executor: Executor) -> None:
+    def __init__(
+        self, directory: Path, host: str, executor: Executor, ledger: Ledger | None = None
+    ) -> None:
         self.directory = directory
+        self._ledger = ledger
         self._host = safe_host(host)
         self._executor = executor
         # Its own thread, so a probe is not stuck behind writes hung on the same disk.
         self._check_executor = ThreadPoolExecutor(1, thread_name_prefix="adp-check")
         self._seq = itertools.count(1)
+
+    @property
+    def ledger(self) -> Ledger | None:
+        return self._ledger
 
     def prepare(self) -> int:
         """Create the directory; remove this host's temporary files left by a crash (their
@@ -71,6 +85,8 @@ class FileSink:
         for stale in self.directory.glob(f".{self._host}_*.tmp"):
             stale.unlink(missing_ok=True)
             removed += 1
+        if self._ledger is not None:
+            self._ledger.open()
         return removed
 
     async def write(self, batch: Batch, worker: str) -> str:
@@ -94,15 +110,22 @@ class FileSink:
         data = b"".join([to_json(entry) + b"\n" for entry in batch.entries])
         final = self.directory / name
         temporary = self.directory / f".{name}.tmp"
+        ledger = self._ledger
         try:
             _write_durably(temporary, data)
             if not batch.commit():
                 raise Abandoned(name)
+            if ledger is not None:
+                ledger.record(name, batch.spans)  # durable before the file is visible
             os.rename(temporary, final)
         except BaseException:
             temporary.unlink(missing_ok=True)
+            if ledger is not None:
+                ledger.abort(name)
             raise
         _fsync_directory(self.directory)
+        if ledger is not None:
+            ledger.confirm(name, batch.spans)
         return name
 
     def _reject(self, body: bytes, reason: str, message_id: str | None) -> str:

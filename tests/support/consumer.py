@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -14,10 +15,12 @@ import httpx
 
 from services.common.metrics import new_registry
 from services.consumer.batch import Batch
+from services.consumer.ledger import Ledger
 from services.consumer.runner import serve
 from services.consumer.service import ConsumerService
 from services.consumer.settings import ConsumerSettings
 from services.consumer.sink import Sink
+from tests.support.polling import eventually
 
 
 @dataclass
@@ -74,6 +77,10 @@ class SlowSink:
         self.slow_batches = slow_batches
         self.calls = 0
 
+    @property
+    def ledger(self) -> Ledger | None:
+        return self.inner.ledger
+
     def prepare(self) -> int:
         return self.inner.prepare()
 
@@ -88,3 +95,29 @@ class SlowSink:
 
     async def check(self) -> None:
         await self.inner.check()
+
+
+async def lines_reach(directory: Path, count: int, timeout: float = 20) -> list[dict[str, Any]]:
+    async def probe() -> list[dict[str, Any]] | None:
+        found = written_lines(directory)
+        return found if len(found) >= count else None
+
+    result = await eventually(probe, timeout=timeout, what=f"{count} lines written")
+    assert result is not None
+    return result
+
+
+async def unacked(queue: str) -> int:
+    """Messages delivered but not acked (rabbitmqctl; the AMQP API cannot tell)."""
+    out = await asyncio.to_thread(
+        subprocess.run,
+        ["rabbitmqctl", "-q", "list_queues", "name", "messages_unacknowledged"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for line in out.stdout.splitlines():
+        name, _, count = line.partition("\t")
+        if name == queue:
+            return int(count)
+    return 0

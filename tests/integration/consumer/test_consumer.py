@@ -16,64 +16,22 @@ import pytest
 from aio_pika.abc import AbstractConnection
 
 from services.common.topology import Topology
-from services.consumer.settings import ConsumerSettings
 from services.consumer.sink import FileSink
-from tests.support.consumer import RunningConsumer, SlowSink, run_consumer, written_lines
+from tests.integration.consumer.conftest import Settings
+from tests.support.consumer import (
+    RunningConsumer,
+    SlowSink,
+    lines_reach,
+    run_consumer,
+    unacked,
+    written_lines,
+)
 from tests.support.polling import eventually
 from tests.support.publish import entries, publish
 from tests.support.queues import depth
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.rabbitmq
-
-Settings = Callable[..., ConsumerSettings]
-
-
-@pytest.fixture
-def settings(rabbitmq_url: str, tmp_path: Path) -> Settings:
-    def make(topo: Topology, **overrides: Any) -> ConsumerSettings:
-        values: dict[str, Any] = {
-            "rabbitmq_url": rabbitmq_url,
-            "queue_prefix": topo.prefix,
-            "shards_count": topo.shards_count,
-            "data_output_dir": tmp_path / "out",
-            "metrics_host": "127.0.0.1",
-            "metrics_port": 0,
-            "batch_max_wait_seconds": 0.2,
-            "history_log_interval_seconds": 0,
-            "host_name": "testhost",
-            "scale_interval_seconds": 0.2,
-            **overrides,
-        }
-        return ConsumerSettings(**values)
-
-    return make
-
-
-async def lines_reach(directory: Path, count: int, timeout: float = 20) -> list[dict[str, Any]]:
-    async def probe() -> list[dict[str, Any]] | None:
-        found = written_lines(directory)
-        return found if len(found) >= count else None
-
-    result = await eventually(probe, timeout=timeout, what=f"{count} lines written")
-    assert result is not None
-    return result
-
-
-async def unacked(queue: str) -> int:
-    """Messages delivered but not acked (rabbitmqctl; the AMQP API cannot tell)."""
-    out = await asyncio.to_thread(
-        subprocess.run,
-        ["rabbitmqctl", "-q", "list_queues", "name", "messages_unacknowledged"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    for line in out.stdout.splitlines():
-        name, _, count = line.partition("\t")
-        if name == queue:
-            return int(count)
-    return 0
 
 
 async def test_every_entry_written_once_in_files_of_at_most_batch_size(
@@ -94,7 +52,11 @@ async def test_every_entry_written_once_in_files_of_at_most_batch_size(
     assert all(
         f.name.startswith("testhost_") and f.name.split("_")[1].count("-") == 1 for f in files
     )
-    assert not [p for p in config.data_output_dir.iterdir() if p.name.startswith(".")]
+    # Nothing left but the ledger (no temporary file), and the ledger settled: every
+    # message was acked, so none of it is remembered.
+    assert [p.name for p in config.data_output_dir.iterdir() if p.name.startswith(".")] == [
+        ".ledger"
+    ]
     assert sum(w["entries"] for w in workers) == len(sent)
     assert {w["id"] for w in workers} >= {f"{s}-{k}" for s in range(5) for k in range(3)}
 
@@ -160,30 +122,46 @@ async def test_go_originals_one_entry_messages_are_drained(
     assert sorted(e["value"] for e in lines) == sorted(e["value"] for e in sent)
 
 
-async def test_a_message_without_valid_entries_is_kept_aside_and_acked(
+async def test_poison_messages_are_dead_lettered_with_their_reason_and_the_shard_flows(
     settings: Settings, topology: Callable[..., Topology], amqp: AbstractConnection
 ) -> None:
     import aio_pika
 
     topo = topology(shards_count=1)
     config = settings(topo)
+    poison = (b"not json", b"[]", b'[{"timestamp": "yesterday"}]')
     async with amqp.channel() as channel:
         await topo.declare(channel)
-        for body in (b"not json", b"[]", b'[{"timestamp": "yesterday"}]'):
+        for number, body in enumerate(poison):
             await channel.default_exchange.publish(
-                aio_pika.Message(body), routing_key=topo.queue_name(0)
+                aio_pika.Message(body, message_id=f"poison-{number}"),
+                routing_key=topo.queue_name(0),
             )
+    good = entries(5, "after-poison")
+    await publish(amqp, topo, good, per_message=5)
     async with run_consumer(config) as consumer:
-        rejected = config.data_output_dir / ".rejected"
-
-        async def kept() -> bool:
-            return rejected.exists() and len(list(rejected.glob("*.json"))) == 3
-
-        await eventually(kept, timeout=10, what="3 rejected messages kept")
+        await lines_reach(config.data_output_dir, 5)  # the shard keeps flowing
         metrics = (await consumer.http.get("/metrics")).text
     assert await depth(amqp, topo.queue_name(0)) == 0
     assert 'adp_consumer_rejected_messages_total{shard="0"} 3.0' in metrics
-    assert written_lines(config.data_output_dir) == []
+    assert sorted(e["value"] for e in written_lines(config.data_output_dir)) == sorted(
+        e["value"] for e in good
+    )
+    assert not (config.data_output_dir / ".rejected").exists()
+    dead: dict[str, Any] = {}
+    async with amqp.channel() as channel:
+        queue = await channel.declare_queue(topo.dead_letter_queue, passive=True)
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            dead[message.message_id or ""] = (message.body, message.headers)
+    assert sorted(dead) == ["poison-0", "poison-1", "poison-2"]
+    for number, body in enumerate(poison):
+        kept, headers = dead[f"poison-{number}"]
+        assert kept == body
+        assert headers["x-adp-source-queue"] == topo.queue_name(0)
+        assert headers["x-adp-shard"] == 0
+    assert "not valid JSON" in str(dead["poison-0"][1]["x-adp-reason"])
+    assert "empty" in str(dead["poison-1"][1]["x-adp-reason"])
+    assert "RFC 3339" in str(dead["poison-2"][1]["x-adp-reason"])
 
 
 async def test_backlog_grows_the_pool_to_max_then_it_shrinks_back(
@@ -299,6 +277,7 @@ async def test_unwritable_output_acks_nothing_and_resumes_when_writable(
     config = settings(topo, data_output_dir=out, batch_size=5)
     async with run_consumer(config) as consumer:
         await eventually(_ready(consumer), timeout=10, what="consumer ready")
+        assert (out / ".ledger").is_dir()  # the ledger is on the same volume, unwritable too
         remount(small_volume, "ro")
         try:
             await publish(amqp, topo, entries(5, "ro"), per_message=5)

@@ -36,12 +36,12 @@ async def test_a_delivery_spanning_batches_completes_only_when_all_are_written()
     batcher.add(first, items(2, "a"))
     batcher.add(spanning, items(5, "b"))
     batcher.flush()
-    assert [[(id(d), n) for d, n in b.sources] for b in sealed] == [
+    assert [[(id(d), n) for d, n, _ in b.sources] for b in sealed] == [
         [(id(first), 2), (id(spanning), 1)],
         [(id(spanning), 3)],
         [(id(spanning), 1)],
     ]
-    done = [d for b in sealed for d, n in b.sources if d.written(n)]
+    done = [d for b in sealed for d, n, _ in b.sources if d.written(n)]
     assert done == [first, spanning]  # each completes once, the spanning one last
 
 

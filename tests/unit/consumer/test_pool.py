@@ -43,6 +43,7 @@ class ScriptedSink:
         self.log = log
         self.before = before
         self.after = after
+        self.ledger = None
 
     def prepare(self) -> int:
         return 0
@@ -83,7 +84,9 @@ def make_pool(sink: ScriptedSink, timeout: float) -> tuple[Pool, WorkerHistory]:
 
 def batch_of(log: list[str], name: str, n: int = 2, channel: FakeChannel | None = None) -> Batch:
     message = FakeMessage(log, name, channel or FakeChannel())
-    delivery = Delivery(cast(AbstractIncomingMessage, message), n)
+    delivery = Delivery(
+        cast(AbstractIncomingMessage, message), n, channel=cast(Any, message.channel)
+    )
     entries = [Entry(timestamp="2019-10-12T07:20:50Z", value=f"{name}{i}") for i in range(n)]
     batch = Batch(0)
     batch.add(delivery, entries)

@@ -1,0 +1,377 @@
+"""The ledger: which entries are already in batch files, so that none is written twice.
+
+Entries are known by part (`services.common.wire`): a part id and an index in the part. The
+ledger is a log per consumer process in the output volume, `.ledger/<host>.log`, JSON
+Lines:
+
+- `{"t": time, "f": file, "p": [[part, first, end], ...]}` — appended and fsynced *before*
+  the batch file is renamed into place (so a file under its final name is always recorded);
+- `{"d": file}` — appended after the rename (not synced): the record is confirmed. A record
+  without it (the process died between the two) counts only if the file exists;
+- `{"s": [part, ...]}` — parts whose message is settled (acked, and the ack known to have
+  reached the broker): they can never come back, so every reader forgets them.
+
+Writing a batch (`admit` → sink → `release`): entries of a delivery that may already be
+written (a redelivery, or a part with an Idempotency-Key) are looked up — in this process's
+records and in every other process's log in the same directory (replicas sharing a volume),
+read incrementally — and those already in a file are left out; the rest are claimed while
+the file is written, so a second copy of the same entries in this process waits for the
+first write's outcome instead of racing it. Deliveries are still settled for every entry.
+
+What is kept: unsettled parts (messages written but whose ack is not known to have arrived)
+and parts with an Idempotency-Key for LEDGER_RETENTION_SECONDS, at most LEDGER_MAX_PARTS
+(oldest forgotten first, counted). The own log is compacted to that when it grows.
+
+Limits (README, Guarantees): another replica's write of the same entries that is still in
+progress (recorded, not yet renamed) is not waited for; a retry arriving after the
+retention, or after its part was forgotten for room, is written again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from aiormq.abc import AbstractChannel as RawChannel
+from pydantic_core import to_json
+
+from services.common.schema import Entry
+from services.consumer.batch import Batch, Delivery
+
+log = logging.getLogger(__name__)
+
+LEDGER_DIR = ".ledger"
+COMPACT_BYTES = 8 * 1024 * 1024
+
+Span = tuple[str, int, int]  # part id, first, end (indices in the part)
+Claim = tuple[list[tuple[str, int, int]], "asyncio.Future[None]"]
+
+
+class Ledger:
+    def __init__(
+        self,
+        directory: Path,
+        host: str,
+        *,
+        retention: float = 3600.0,
+        max_parts: int = 1_000_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.directory = directory
+        self.folder = directory / LEDGER_DIR
+        self._path = self.folder / f"{host}.log"
+        self._retention = retention
+        self._max_parts = max_parts
+        self._clock = clock
+        # Hooks for metrics: parts forgotten for room; entries left out (shard, count).
+        self.on_forget: Callable[[int], None] = lambda count: None
+        self.on_skip: Callable[[int, int], None] = lambda shard, count: None
+        self._lock = threading.Lock()  # the writer threads and the event loop share the index
+        self._opened = False
+        self._size = 0
+        # part id -> [(first, end, file)] written; insertion order is age order.
+        self._written: dict[str, list[tuple[int, int, str]]] = {}
+        self._born: dict[str, float] = {}
+        self._unconfirmed: set[str] = set()  # recorded files not known to be renamed
+        self._own: dict[str, tuple[float, list[Span]]] = {}  # this log's records, by file
+        self._recording: dict[str, tuple[float, list[Span]]] = {}  # recorded, not renamed
+        self._others: dict[str, tuple[int, int]] = {}  # other log -> (inode, bytes read)
+        # In this process: part id -> ranges being written now, with the write's outcome.
+        self._writing: dict[str, list[tuple[int, int, asyncio.Future[None]]]] = {}
+        self._claims: dict[Batch, asyncio.Future[None]] = {}
+        # Acked deliveries' parts waiting for a barrier on their channel before settling.
+        self._acked: dict[RawChannel, list[str]] = {}
+        self.skipped = 0  # entries found already written (duplicates avoided)
+
+    # --- start-up -------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Load every log in the directory (this host's included: what it recorded before a
+        restart), then open this host's for appending, compacted."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self._read_others()
+            self._confirm()
+            self._compact()
+
+    # --- the write path ---------------------------------------------------------------------
+
+    async def admit(self, batch: Batch, refresh: Callable[[], object] | None = None) -> Batch:
+        """The batch to write: without entries already in a file, with the spans the file
+        will hold; its ranges are claimed until `release`."""
+        check = any(delivery.check for delivery, _, _ in batch.sources)
+        if check:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self.refresh)
+            while waits := self._overlapping(batch):
+                await asyncio.wait(waits)
+        return self._claim(self._trim(batch) if check else self._spans(batch))
+
+    def release(self, batch: Batch) -> None:
+        """The write of an admitted batch ended (written or not)."""
+        future = self._claims.pop(batch, None)
+        if future is None:
+            return
+        future.set_result(None)
+        for part, _, _ in batch.spans:
+            claims = self._writing.get(part)
+            if claims is None:
+                continue
+            kept = [claim for claim in claims if claim[2] is not future]
+            if kept:
+                self._writing[part] = kept
+            else:
+                del self._writing[part]
+
+    def record(self, name: str, spans: list[Span]) -> None:
+        """Writer thread, before the rename: make the record durable."""
+        with self._lock:
+            now = self._clock()
+            self._recording[name] = (now, spans)
+            self._append({"t": now, "f": name, "p": spans}, sync=True)
+
+    def abort(self, name: str) -> None:
+        """Writer thread: the recorded file was not renamed into place after all."""
+        with self._lock:
+            self._recording.pop(name, None)
+
+    def confirm(self, name: str, spans: list[Span]) -> None:
+        """Writer thread, after the rename (and the directory sync)."""
+        with self._lock:
+            now = self._clock()
+            self._recording.pop(name, None)
+            self._own[name] = (now, spans)
+            self._add(name, spans, now)
+            self._append({"d": name}, sync=False)
+            self._trim_to_limits(now)
+            if self._size > COMPACT_BYTES:
+                self._compact()
+
+    # --- settling ---------------------------------------------------------------------------
+
+    def acked(self, delivery: Delivery) -> None:
+        """Its ack was sent; its unkeyed parts settle after the next barrier."""
+        ids = [p.id for p in delivery.parts if p.id is not None and not p.keyed]
+        if ids and delivery.channel is not None:
+            self._acked.setdefault(delivery.channel, []).extend(ids)
+
+    async def settle(self, barrier: Callable[[RawChannel], object]) -> int:
+        """For each channel with acked deliveries: a synchronous round trip on it (the
+        broker handles a channel's frames in order, so every ack sent before is applied),
+        then their parts are forgotten, here and — through the log — in other readers. A
+        channel that fails the barrier settles nothing: its messages may come back."""
+        pending, self._acked = self._acked, {}
+        settled: list[str] = []
+        for channel, ids in pending.items():
+            if channel.is_closed:
+                continue
+            try:
+                await barrier(channel)  # type: ignore[misc]
+            except Exception as exc:  # noqa: BLE001 - any failure means "not known applied"
+                log.info("ack barrier failed (%s); %d parts stay recorded", exc, len(ids))
+                continue
+            settled.extend(ids)
+        if settled:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self._settle, settled)
+        return len(settled)
+
+    # --- inspection ---------------------------------------------------------------------------
+
+    @property
+    def parts(self) -> int:
+        return len(self._written)
+
+    def written(self, part: str) -> list[tuple[int, int]]:
+        with self._lock:
+            return [(a, b) for a, b, f in self._written.get(part, ()) if f not in self._unconfirmed]
+
+    def refresh(self) -> None:
+        """Read what other processes appended to their logs; confirm records whose file
+        has appeared."""
+        with self._lock:
+            self._read_others()
+            self._confirm()
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _spans(self, batch: Batch) -> Batch:
+        spans = [(p.id, a, b) for p, a, b, _ in batch.ranges() if p.id is not None]
+        return batch.only(batch.entries, spans)
+
+    def _trim(self, batch: Batch) -> Batch:
+        entries: list[Entry] = []
+        spans: list[Span] = []
+        with self._lock:
+            for part, first, end, offset in batch.ranges():
+                if part.id is None:  # not identifiable: written as it is
+                    entries.extend(batch.entries[offset : offset + end - first])
+                    continue
+                done = [
+                    (a, b)
+                    for a, b, f in self._written.get(part.id, ())
+                    if f not in self._unconfirmed
+                ]
+                for a, b in _missing(first, end, done):
+                    entries.extend(batch.entries[offset + a - first : offset + b - first])
+                    spans.append((part.id, a, b))
+        skipped = len(batch.entries) - len(entries)
+        if skipped:
+            self.skipped += skipped
+            self.on_skip(batch.shard, skipped)
+            log.info("shard %d: %d entries already written, left out", batch.shard, skipped)
+        return batch.only(entries, spans)
+
+    def _overlapping(self, batch: Batch) -> list[asyncio.Future[None]]:
+        waits = []
+        for part, first, end, _ in batch.ranges():
+            for a, b, future in self._writing.get(part.id or "", ()):
+                if a < end and first < b:
+                    waits.append(future)
+        return waits
+
+    def _claim(self, batch: Batch) -> Batch:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for part, first, end in batch.spans:
+            self._writing.setdefault(part, []).append((first, end, future))
+        self._claims[batch] = future
+        return batch
+
+    def _add(self, name: str, spans: Iterable[Span], born: float) -> None:
+        for part, first, end in spans:
+            self._written.setdefault(part, []).append((first, end, name))
+            self._born.setdefault(part, born)
+
+    def _settle(self, ids: list[str]) -> None:
+        with self._lock:
+            self._forget(ids)
+            self._append({"s": ids}, sync=False)
+
+    def _forget(self, ids: Iterable[str]) -> None:
+        for part in ids:
+            self._written.pop(part, None)
+            self._born.pop(part, None)
+
+    def _trim_to_limits(self, now: float) -> None:
+        horizon = now - self._retention
+        old: list[str] = []
+        for part, born in self._born.items():
+            if born >= horizon and len(self._born) - len(old) <= self._max_parts:
+                break
+            old.append(part)
+        if old:
+            self._forget(old)
+            self.on_forget(len(old))
+
+    def _read_others(self) -> None:
+        for path in self.folder.glob("*.log"):
+            if path == self._path and self._opened:
+                continue  # our own, after start-up: the index already holds it
+            try:
+                handle = path.open("rb")
+            except FileNotFoundError:
+                continue
+            with handle:
+                status = os.fstat(handle.fileno())
+                inode, offset = self._others.get(path.name, (status.st_ino, 0))
+                if inode != status.st_ino or status.st_size < offset:
+                    offset = 0  # compacted by its writer: read it again
+                handle.seek(offset)
+                data = handle.read()
+            complete = data.rfind(b"\n") + 1  # a line being appended is read next time
+            self._apply(data[:complete], own=path == self._path)
+            self._others[path.name] = (status.st_ino, offset + complete)
+
+    def _apply(self, data: bytes, *, own: bool) -> None:
+        now = self._clock()
+        horizon = now - self._retention
+        for line in data.splitlines():
+            try:
+                item = json.loads(line)
+            except ValueError:
+                continue  # a torn last line of a crashed writer
+            if "f" in item:
+                born = float(item["t"])
+                if born < horizon:
+                    continue
+                spans = [(str(p), int(a), int(b)) for p, a, b in item["p"]]
+                self._add(item["f"], spans, born)
+                self._unconfirmed.add(item["f"])
+                if own:
+                    self._own[item["f"]] = (born, spans)
+            elif "d" in item:
+                self._unconfirmed.discard(item["d"])
+            elif "s" in item:
+                self._forget(item["s"])
+
+    def _confirm(self) -> None:
+        for name in list(self._unconfirmed):
+            if (self.directory / name).exists():
+                self._unconfirmed.discard(name)
+
+    def _append(self, item: dict[str, object], *, sync: bool) -> None:
+        # Opened for each line (cheap beside the fsyncs): no descriptor held between
+        # writes, so a log removed by hand comes back, and the volume can be remounted.
+        line = to_json(item) + b"\n"
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, line)
+            if sync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        self._size += len(line)
+
+    def _compact(self) -> None:
+        """Rewrite this host's log with what is still live, atomically."""
+        live: list[bytes] = []
+        for name, (born, spans) in list(self._own.items()):
+            kept = [s for s in spans if s[0] in self._written]
+            if not kept or name in self._unconfirmed:
+                del self._own[name]
+                continue
+            live.append(to_json({"t": born, "f": name, "p": kept}) + b"\n")
+            live.append(to_json({"d": name}) + b"\n")
+        for name, (born, spans) in self._recording.items():  # being renamed by a writer now
+            live.append(to_json({"t": born, "f": name, "p": spans}) + b"\n")
+        data = b"".join(live)
+        temporary = self.folder / f".{self._path.name}.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, self._path)
+        dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._opened = True
+        self._size = len(data)
+
+
+def _missing(first: int, end: int, done: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of [first, end) not covered by the `done` ranges."""
+    gaps = []
+    cursor = first
+    for a, b in sorted(done):
+        if b <= cursor:
+            continue
+        if a >= end:
+            break
+        if a > cursor:
+            gaps.append((cursor, a))
+        cursor = max(cursor, b)
+        if cursor >= end:
+            break
+    if cursor < end:
+        gaps.append((cursor, end))
+    return gaps

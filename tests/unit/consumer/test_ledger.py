@@ -1,0 +1,236 @@
+"""The ledger on a real directory: what it remembers, across restarts and processes, and
+what it forgets."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+
+from services.common.schema import Entry
+from services.common.wire import Part
+from services.consumer.batch import Batch, Delivery
+from services.consumer.ledger import Ledger, _missing
+
+
+class FakeChannel:
+    is_closed = False
+
+    def __init__(self) -> None:
+        self.barriers = 0
+
+    async def barrier(self, channel: Any) -> None:
+        self.barriers += 1
+
+
+def delivery(parts: list[Part], *, check: bool, channel: Any = None) -> Delivery:
+    total = max(p.end for p in parts)
+    message = cast(AbstractIncomingMessage, object())
+    return Delivery(message, total, parts=tuple(parts), check=check, channel=channel)
+
+
+def batch_of(d: Delivery, start: int, count: int, tag: str = "v") -> Batch:
+    batch = Batch(0)
+    entries = [
+        Entry(timestamp="2019-10-12T07:20:50Z", value=f"{tag}{start + i}") for i in range(count)
+    ]
+    batch.add(d, entries, start)
+    return batch
+
+
+async def write(ledger: Ledger, batch: Batch, name: str) -> Batch:
+    """What the pool and the file sink do, without the file's content."""
+    admitted = await ledger.admit(batch)
+    try:
+        if admitted.entries:
+            ledger.record(name, admitted.spans)
+            (ledger.directory / name).write_text("x")
+            ledger.confirm(name, admitted.spans)
+    finally:
+        ledger.release(admitted)
+    return admitted
+
+
+def opened(tmp_path: Path, host: str = "a", **kwargs: Any) -> Ledger:
+    ledger = Ledger(tmp_path, host, **kwargs)
+    ledger.open()
+    return ledger
+
+
+@pytest.mark.parametrize(
+    ("first", "end", "done", "gaps"),
+    [
+        (0, 10, [], [(0, 10)]),
+        (0, 10, [(0, 10)], []),
+        (0, 10, [(2, 4), (6, 8)], [(0, 2), (4, 6), (8, 10)]),
+        (5, 10, [(0, 7)], [(7, 10)]),
+        (0, 5, [(5, 9)], [(0, 5)]),
+        (0, 10, [(3, 6), (0, 4)], [(6, 10)]),
+    ],
+)
+def test_missing_ranges(
+    first: int, end: int, done: list[tuple[int, int]], gaps: list[tuple[int, int]]
+) -> None:
+    assert _missing(first, end, done) == gaps
+
+
+async def test_a_checked_redelivery_writes_only_what_is_missing(tmp_path: Path) -> None:
+    ledger = opened(tmp_path)
+    first = delivery([Part("m/0", 0, 10)], check=False)
+    await write(ledger, batch_of(first, 0, 5), "f1.jsonl")  # 0..4 written, then a crash
+    again = delivery([Part("m/0", 0, 10)], check=True)
+    left = await write(ledger, batch_of(again, 0, 10), "f2.jsonl")
+    assert [e["value"] for e in left.entries] == [f"v{i}" for i in range(5, 10)]
+    assert left.spans == [("m/0", 5, 10)]
+    assert left.sources[0][1] == 10  # every entry of the delivery is settled by it
+    assert ledger.skipped == 5
+
+
+async def test_an_unchecked_delivery_is_not_looked_up(tmp_path: Path) -> None:
+    """A first delivery cannot have been written: no lookup, no cost."""
+    ledger = opened(tmp_path)
+    await write(ledger, batch_of(delivery([Part("m/0", 0, 3)], check=False), 0, 3), "f1.jsonl")
+    same = await write(
+        ledger, batch_of(delivery([Part("m/0", 0, 3)], check=False), 0, 3), "f2.jsonl"
+    )
+    assert len(same.entries) == 3
+
+
+async def test_a_restarted_process_and_another_replica_read_the_log(tmp_path: Path) -> None:
+    ledger = opened(tmp_path, "a")
+    await write(ledger, batch_of(delivery([Part("m/0", 0, 4)], check=False), 0, 4), "f1.jsonl")
+    for host in ("a", "b"):  # the same host after a restart; a replica on the same volume
+        other = opened(tmp_path, host)
+        left = await write(
+            other, batch_of(delivery([Part("m/0", 0, 4)], check=True), 0, 4), f"{host}.jsonl"
+        )
+        assert left.entries == []
+    # A replica that was running already sees what was appended since (read incrementally).
+    late = opened(tmp_path, "c")
+    await write(ledger, batch_of(delivery([Part("n/0", 0, 2)], check=False), 0, 2), "f3.jsonl")
+    left = await write(late, batch_of(delivery([Part("n/0", 0, 2)], check=True), 0, 2), "c.jsonl")
+    assert left.entries == []
+
+
+async def test_a_record_whose_file_never_appeared_does_not_count(tmp_path: Path) -> None:
+    """The process died between recording and renaming: the entries were not written."""
+    ledger = opened(tmp_path, "a")
+    ledger.record("never.jsonl", [("m/0", 0, 4)])  # no file, no confirmation
+    fresh = opened(tmp_path, "a")
+    left = await write(fresh, batch_of(delivery([Part("m/0", 0, 4)], check=True), 0, 4), "f.jsonl")
+    assert len(left.entries) == 4
+    # Renamed but not confirmed (died just after the rename): the file is there, it counts.
+    ledger.record("renamed.jsonl", [("p/0", 0, 2)])
+    (tmp_path / "renamed.jsonl").write_text("x")
+    fresh = opened(tmp_path, "b")
+    left = await write(fresh, batch_of(delivery([Part("p/0", 0, 2)], check=True), 0, 2), "g")
+    assert left.entries == []
+
+
+async def test_a_torn_last_line_is_ignored(tmp_path: Path) -> None:
+    ledger = opened(tmp_path, "a")
+    await write(ledger, batch_of(delivery([Part("m/0", 0, 2)], check=False), 0, 2), "f1.jsonl")
+    with (tmp_path / ".ledger" / "a.log").open("ab") as log:
+        log.write(b'{"t": 1, "f": "half')
+    fresh = opened(tmp_path, "a")
+    assert fresh.written("m/0") == [(0, 2)]
+
+
+async def test_a_second_copy_waits_for_the_first_write_instead_of_racing_it(
+    tmp_path: Path,
+) -> None:
+    ledger = opened(tmp_path)
+    first = await ledger.admit(batch_of(delivery([Part("m/0", 0, 3)], check=False), 0, 3))
+    second = asyncio.ensure_future(
+        ledger.admit(batch_of(delivery([Part("m/0", 0, 3)], check=True), 0, 3))
+    )
+    await asyncio.sleep(0.05)
+    assert not second.done()  # the first copy is being written
+    ledger.record("f1.jsonl", first.spans)
+    (tmp_path / "f1.jsonl").write_text("x")
+    ledger.confirm("f1.jsonl", first.spans)
+    ledger.release(first)
+    assert (await asyncio.wait_for(second, 1)).entries == []
+
+
+async def test_a_failed_first_write_lets_the_second_copy_write(tmp_path: Path) -> None:
+    ledger = opened(tmp_path)
+    first = await ledger.admit(batch_of(delivery([Part("m/0", 0, 3)], check=False), 0, 3))
+    second = asyncio.ensure_future(
+        ledger.admit(batch_of(delivery([Part("m/0", 0, 3)], check=True), 0, 3))
+    )
+    await asyncio.sleep(0.05)
+    ledger.release(first)  # the write failed: nothing recorded
+    assert len((await asyncio.wait_for(second, 1)).entries) == 3
+
+
+async def test_settled_parts_are_forgotten_here_and_by_readers_keyed_ones_kept(
+    tmp_path: Path,
+) -> None:
+    channel = FakeChannel()
+    ledger = opened(tmp_path, "a")
+    reader = opened(tmp_path, "b")
+    plain = delivery([Part("m/0", 0, 2), Part("kx", 2, 4, keyed=True)], check=True, channel=channel)
+    await write(ledger, batch_of(plain, 0, 4), "f1.jsonl")
+    reader.refresh()
+    assert reader.written("m/0") == [(0, 2)]
+    ledger.acked(plain)
+    assert await ledger.settle(channel.barrier) == 1
+    assert channel.barriers == 1
+    assert ledger.written("m/0") == []
+    assert ledger.written("kx") == [(0, 2)]  # a client may still retry it
+    reader.refresh()
+    assert reader.written("m/0") == []
+
+
+async def test_a_channel_failing_the_barrier_settles_nothing(tmp_path: Path) -> None:
+    channel = FakeChannel()
+
+    async def broken(_: Any) -> None:
+        raise ConnectionError("gone")
+
+    ledger = opened(tmp_path)
+    d = delivery([Part("m/0", 0, 2)], check=False, channel=channel)
+    await write(ledger, batch_of(d, 0, 2), "f1.jsonl")
+    ledger.acked(d)
+    assert await ledger.settle(broken) == 0
+    assert ledger.written("m/0") == [(0, 2)]  # the ack may not have arrived: kept
+
+
+async def test_retention_and_room_limits_forget_the_oldest(tmp_path: Path) -> None:
+    now = [1000.0]
+    forgotten: list[int] = []
+    ledger = opened(tmp_path, retention=60, max_parts=1000, clock=lambda: now[0])
+    ledger.on_forget = forgotten.append
+    for i in range(3):
+        d = delivery([Part(f"k{i}", 0, 1, keyed=True)], check=True)
+        await write(ledger, batch_of(d, 0, 1), f"f{i}.jsonl")
+        now[0] += 40
+    # At the last write (t=1080), k0 (t=1000) was past the 60 s retention, k1 (t=1040) not.
+    assert [ledger.written(f"k{i}") for i in range(3)] == [[], [(0, 1)], [(0, 1)]]
+    assert sum(forgotten) == 1
+    # A restart at t=1120 reads the log with the same horizon: k1 is past it now.
+    fresh = opened(tmp_path, retention=60, clock=lambda: now[0])
+    assert [fresh.written(f"k{i}") for i in range(3)] == [[], [], [(0, 1)]]
+
+
+async def test_the_log_is_compacted_to_what_is_live(tmp_path: Path) -> None:
+    channel = FakeChannel()
+    ledger = opened(tmp_path)
+    for i in range(50):
+        d = delivery([Part(f"m{i}/0", 0, 1)], check=False, channel=channel)
+        await write(ledger, batch_of(d, 0, 1), f"f{i}.jsonl")
+        ledger.acked(d)
+    await ledger.settle(channel.barrier)
+    keep = delivery([Part("kept/0", 0, 1)], check=False, channel=channel)
+    await write(ledger, batch_of(keep, 0, 1), "last.jsonl")
+    log = tmp_path / ".ledger" / "a.log"
+    before = log.stat().st_size
+    fresh = opened(tmp_path)  # a restart compacts
+    after = log.stat().st_size
+    assert after < before / 10
+    assert fresh.written("kept/0") == [(0, 1)]
+    assert fresh.written("m3/0") == []
