@@ -208,6 +208,9 @@ class Ledger:
     def _trim(self, batch: Batch) -> Batch:
         entries: list[Entry] = []
         spans: list[Span] = []
+        # Two copies may share the batch itself (a client's retry right behind the
+        # original): what this batch already takes counts as written for the rest of it.
+        taken: dict[str, list[tuple[int, int]]] = {}
         with self._lock:
             for part, first, end, offset in batch.ranges():
                 if part.id is None:  # not identifiable: written as it is
@@ -218,9 +221,11 @@ class Ledger:
                     for a, b, f in self._written.get(part.id, ())
                     if f not in self._unconfirmed
                 ]
-                for a, b in _missing(first, end, done):
+                mine = taken.setdefault(part.id, [])
+                for a, b in _missing(first, end, done + mine):
                     entries.extend(batch.entries[offset + a - first : offset + b - first])
                     spans.append((part.id, a, b))
+                    mine.append((a, b))
         skipped = len(batch.entries) - len(entries)
         if skipped:
             self.skipped += skipped

@@ -89,6 +89,19 @@ async def test_a_checked_redelivery_writes_only_what_is_missing(tmp_path: Path) 
     assert ledger.skipped == 5
 
 
+async def test_two_copies_in_one_batch_are_written_once(tmp_path: Path) -> None:
+    """A client's retry queued right behind the original lands in the same batch."""
+    ledger = opened(tmp_path)
+    original = delivery([Part("kx", 0, 3, keyed=True)], check=True)
+    retry = delivery([Part("kx", 0, 3, keyed=True)], check=True)
+    batch = batch_of(original, 0, 3)
+    batch.add(retry, batch_of(retry, 0, 3).entries, 0)
+    left = await write(ledger, batch, "f1.jsonl")
+    assert [e["value"] for e in left.entries] == ["v0", "v1", "v2"]
+    assert left.spans == [("kx", 0, 3)]
+    assert [count for _, count, _ in left.sources] == [3, 3]  # both settled
+
+
 async def test_an_unchecked_delivery_is_not_looked_up(tmp_path: Path) -> None:
     """A first delivery cannot have been written: no lookup, no cost."""
     ledger = opened(tmp_path)
