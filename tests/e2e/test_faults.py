@@ -1,0 +1,448 @@
+"""The fault suite: the real API and consumer processes on the real broker, a steady load of
+retrying clients (tests.support.load), and one fault per scenario. Each scenario asserts
+zero accepted entries lost and zero written twice, and saves its figures (sent, accepted,
+written, duplicated, lost) under ADP_FAULTS_RESULTS (default .cache/faults); README's table
+comes from them (`python -m bench.fault_report`).
+
+Sized for the test command (a few minutes in all). ADP_FAULT_SCALE=N (`make soak`) runs each
+scenario N times longer, with N times more kills.
+
+The broker is shared by the machine: the broker scenario cuts the services off through TCP
+proxies the test owns and closes every connection with `rabbitmqctl close_all_connections`;
+it never stops RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aio_pika
+import httpx
+import pytest
+
+from services.common.topology import Topology
+from tests.support.consumer import written_lines
+from tests.support.load import Figures, Load
+from tests.support.net import free_port
+from tests.support.polling import eventually
+from tests.support.process import ServiceProcess
+from tests.support.tcp_proxy import TcpProxy
+
+pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq, pytest.mark.timeout(600)]
+
+SCALE = max(1, int(os.environ.get("ADP_FAULT_SCALE", "1")))
+RESULTS = Path(os.environ.get("ADP_FAULTS_RESULTS", ".cache/faults"))
+PUBLISH_TIMEOUT = 2.0
+
+
+@pytest.fixture
+async def fault_topology(
+    unique_prefix: Callable[[], str], rabbitmq_url: str
+) -> AsyncIterator[Topology]:
+    """Queues of the scenario's own, deleted afterwards on a fresh connection (the broker
+    scenario closes every connection the machine has, the shared fixture's included)."""
+    topo = Topology(unique_prefix(), 5)
+    yield topo
+    connection = await aio_pika.connect(rabbitmq_url, timeout=10)
+    async with connection, connection.channel() as channel:
+        for name in [*topo.queue_names, topo.dead_letter_queue]:
+            await channel.queue_delete(name)
+
+
+@dataclass
+class Stack:
+    """The API and the consumer as real processes, restartable."""
+
+    topo: Topology
+    logs: Path
+    out: Path
+    api_broker: str
+    consumer_broker: str
+    api_port: int = field(default_factory=free_port)
+    consumer_port: int = field(default_factory=free_port)
+    api: ServiceProcess | None = None
+    consumer: ServiceProcess | None = None
+    _runs: Counter[str] = field(default_factory=Counter)
+    tallies: Counter[str] = field(default_factory=Counter)
+    _exits: ExitStack = field(default_factory=ExitStack)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def consumer_url(self) -> str:
+        return f"http://127.0.0.1:{self.consumer_port}"
+
+    def _common(self) -> dict[str, str]:
+        return {
+            "QUEUE_PREFIX": self.topo.prefix,
+            "SHARDS_COUNT": str(self.topo.shards_count),
+            "LOG_LEVEL": "INFO",
+        }
+
+    async def start_api(self) -> ServiceProcess:
+        env = {
+            **self._common(),
+            "RABBITMQ_URL": self.api_broker,
+            "PORT": str(self.api_port),
+            "PUBLISH_TIMEOUT_SECONDS": str(PUBLISH_TIMEOUT),
+            "RETRY_AFTER_SECONDS": "1",
+        }
+        self.api = self._start("server", env)
+        await self.api.wait_ready(self.api_url)
+        return self.api
+
+    async def start_consumer(self, **extra: str) -> ServiceProcess:
+        env = {
+            **self._common(),
+            "RABBITMQ_URL": self.consumer_broker,
+            "DATA_OUTPUT_DIR": str(self.out),
+            "METRICS_PORT": str(self.consumer_port),
+            "METRICS_HOST": "127.0.0.1",
+            "BATCH_SIZE": "20",
+            "BATCH_MAX_WAIT_SECONDS": "0.2",
+            "SHUTDOWN_TIMEOUT_SECONDS": "10",
+            "HOST_NAME": "faults",
+            **extra,
+        }
+        self.consumer = self._start("message-consumer", env)
+        await self.consumer.wait_ready(self.consumer_url)
+        return self.consumer
+
+    def _start(self, command: str, env: dict[str, str]) -> ServiceProcess:
+        self._runs[command] += 1
+        log = self.logs / f"{command}-{self._runs[command]}.log"
+        return self._exits.enter_context(ServiceProcess(command, env, log))
+
+    def close(self) -> None:
+        self._exits.close()
+
+    async def settled(self, load: Load, timeout: float = 60) -> None:
+        """Every accepted entry written, and the queues empty with nothing unacked."""
+        accepted = set(load.accepted)
+
+        async def all_written() -> bool:
+            values = {e["value"] for e in written_lines(self.out)}
+            return accepted <= values
+
+        await eventually(all_written, timeout=timeout, interval=0.5, what="accepted written")
+        await eventually(
+            lambda: queues_empty(self.topo), timeout=timeout, interval=0.5, what="queues empty"
+        )
+
+    async def count_consumer(self) -> None:
+        """Add the running consumer's redeliveries and ledger skips to the tallies (read
+        before a kill, whose process takes its counters with it)."""
+        async with httpx.AsyncClient(timeout=5) as http:
+            text = (await http.get(f"{self.consumer_url}/metrics")).text
+        for line in text.splitlines():
+            for name in (
+                "adp_consumer_redeliveries_total",
+                "adp_consumer_duplicates_skipped_total",
+            ):
+                if line.startswith(name + "{"):
+                    self.tallies[name] += int(float(line.split()[-1]))
+
+    def consumer_note(self) -> str:
+        return (
+            f"{self.tallies['adp_consumer_redeliveries_total']} redeliveries, "
+            f"{self.tallies['adp_consumer_duplicates_skipped_total']} entries left out by the "
+            "ledger"
+        )
+
+    async def stop(self) -> None:
+        consumer = self.consumer
+        if consumer is not None and consumer.proc is not None and consumer.proc.poll() is None:
+            await self.count_consumer()
+        for process in (self.api, self.consumer):
+            if process is not None and process.proc is not None and process.proc.poll() is None:
+                process.signal(signal.SIGTERM)
+                assert await asyncio.to_thread(process.wait, 20) == 0, process.log
+
+
+async def queues_empty(topo: Topology) -> bool:
+    """Ready and unacked messages of the scenario's shard queues, by rabbitmqctl (no AMQP
+    connection of the test's own to lose)."""
+    out = await asyncio.to_thread(
+        subprocess.run,
+        ["rabbitmqctl", "-q", "list_queues", "name", "messages_ready", "messages_unacknowledged"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    names = set(topo.queue_names)
+    for line in out.stdout.splitlines():
+        name, ready, unacked = line.split("\t")
+        if name in names and (int(ready) or int(unacked)):
+            return False
+    return True
+
+
+@pytest.fixture
+def stack(fault_topology: Topology, tmp_path: Path, rabbitmq_url: str) -> Iterator[Stack]:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    the_stack = Stack(fault_topology, logs, tmp_path / "out", rabbitmq_url, rabbitmq_url)
+    try:
+        yield the_stack
+    finally:
+        the_stack.close()
+
+
+def report(figures: Figures) -> None:
+    figures.save(RESULTS)
+    assert figures.lost == 0, figures
+    assert figures.duplicated == 0, figures
+    assert figures.accepted > 0, figures
+
+
+async def progress(load: Load, entries: int, timeout: float = 30) -> None:
+    target = len(load.accepted) + entries
+
+    async def reached() -> bool:
+        return len(load.accepted) >= target
+
+    await eventually(reached, timeout=timeout, interval=0.1, what=f"{entries} more accepted")
+
+
+@pytest.mark.parametrize("exactly_once", [True, False], ids=["ledger", "no-ledger"])
+async def test_consumer_killed_9_repeatedly_under_load(stack: Stack, exactly_once: bool) -> None:
+    """kill -9 lands anywhere: mid-batch, between a rename and its ack. With the ledger
+    (the default) nothing is lost or written twice; without it (EXACTLY_ONCE=false, for
+    comparison) nothing is lost either, but redelivered entries may be written twice."""
+    flag = {"EXACTLY_ONCE": str(exactly_once).lower()}
+    await stack.start_api()
+    await stack.start_consumer(**flag)
+    load = Load(stack.api_url, "ckill")
+    load.start()
+    kills = 4 * SCALE
+    for _ in range(kills):
+        await progress(load, 1500)
+        assert stack.consumer is not None
+        await stack.count_consumer()
+        stack.consumer.signal(signal.SIGKILL)
+        await asyncio.to_thread(stack.consumer.wait, 10)
+        await stack.start_consumer(**flag)
+    await progress(load, 1500)
+    await load.stop()
+    await stack.settled(load)
+    await stack.stop()
+    mode = "" if exactly_once else ", EXACTLY_ONCE=false"
+    figures = Figures.count(
+        f"consumer kill -9 x{kills}, restarted{mode}", load, stack.out, stack.consumer_note()
+    )
+    if exactly_once:
+        report(figures)
+    else:  # the comparison: the same guarantee against loss, none against duplicates
+        figures.save(RESULTS)
+        assert figures.lost == 0, figures
+
+
+async def test_api_killed_9_under_load(stack: Stack) -> None:
+    await stack.start_api()
+    await stack.start_consumer()
+    load = Load(stack.api_url, "akill")
+    load.start()
+    kills = 3 * SCALE
+    for _ in range(kills):
+        await progress(load, 1500)
+        assert stack.api is not None
+        stack.api.signal(signal.SIGKILL)
+        await asyncio.to_thread(stack.api.wait, 10)
+        await stack.start_api()
+    await progress(load, 1500)
+    await load.stop()
+    await stack.settled(load)
+    await stack.stop()
+    note = f"{load.retries} client retries with the same Idempotency-Key"
+    report(Figures.count(f"API kill -9 x{kills}, restarted", load, stack.out, note))
+
+
+async def test_broker_lost_then_back(stack: Stack, rabbitmq_url: str) -> None:
+    """Both services reach the broker through proxies the test owns; the outage cuts both
+    and closes every broker connection. While it lasts the API answers 503 within its
+    publish timeout (never a 500, never a hang); within 10 s of the broker's return it
+    answers 201 again, and the consumer resumes, all without a restart."""
+    api_proxy, consumer_proxy = TcpProxy.to_broker(rabbitmq_url), TcpProxy.to_broker(rabbitmq_url)
+    await api_proxy.start()
+    await consumer_proxy.start()
+    stack.api_broker, stack.consumer_broker = api_proxy.url, consumer_proxy.url
+    api = await stack.start_api()
+    consumer = await stack.start_consumer()
+    load = Load(stack.api_url, "broker")
+    load.start()
+    recoveries: list[float] = []
+    try:
+        for _ in range(SCALE):
+            await progress(load, 1500)
+            await api_proxy.cut()
+            await consumer_proxy.cut()
+            await asyncio.to_thread(
+                subprocess.run,
+                ["rabbitmqctl", "-q", "close_all_connections", "fault suite: broker outage"],
+                check=True,
+                capture_output=True,
+            )
+            await refused_while_down(stack)
+            await asyncio.sleep(3)  # the outage
+            back = time.monotonic()
+            await api_proxy.start()
+            await consumer_proxy.start()
+
+            async def serving(back: float = back) -> bool:
+                return load.accepted_since(back) > 0
+
+            await eventually(serving, timeout=10, interval=0.1, what="201 again within 10 s")
+            recoveries.append(time.monotonic() - back)
+        await progress(load, 1500)
+        await load.stop()
+        await stack.settled(load)
+        for process in (api, consumer):  # never restarted
+            assert process.proc is not None
+            assert process.proc.poll() is None
+        await stack.stop()
+    finally:
+        await api_proxy.cut()
+        await consumer_proxy.cut()
+    assert load.statuses["500"] == 0
+    assert load.slowest_refusal <= PUBLISH_TIMEOUT + 1.0, load.slowest_refusal
+    note = (
+        f"slowest 503 {load.slowest_refusal:.1f} s (timeout {PUBLISH_TIMEOUT:g} s), no 500; "
+        f"201 again {max(recoveries):.1f} s after the broker returned; "
+        f"{load.retries} client retries; {stack.consumer_note()}"
+    )
+    report(
+        Figures.count(
+            f"broker lost x{SCALE} (proxies cut + close_all_connections)", load, stack.out, note
+        )
+    )
+
+
+async def refused_while_down(stack: Stack) -> None:
+    """A request during the outage gets a 503 with Retry-After, within the publish timeout
+    plus a little; and the consumer reports itself not ready."""
+    async with httpx.AsyncClient(timeout=PUBLISH_TIMEOUT + 5) as http:
+        started = time.monotonic()
+        body = [{"timestamp": "2019-10-12T07:20:50Z", "value": "probe-during-outage"}]
+        response = await http.post(f"{stack.api_url}/message", json=body)
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "1"
+        assert time.monotonic() - started <= PUBLISH_TIMEOUT + 1.0
+
+        async def consumer_not_ready() -> bool:
+            return (await http.get(f"{stack.consumer_url}/readyz")).status_code == 503
+
+        await eventually(consumer_not_ready, timeout=10, what="consumer not ready")
+
+
+@pytest.fixture
+def small_volume(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs of the test's own, to fill up."""
+    mountpoint = tmp_path / "volume"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+async def test_output_volume_full_then_freed(stack: Stack, small_volume: Path) -> None:
+    """The consumer's volume fills up: nothing is acked (the queues keep the entries),
+    readiness turns false, the API keeps accepting; once there is room again the consumer
+    catches up by itself."""
+    stack.out = small_volume / "out"
+    await stack.start_api()
+    await stack.start_consumer()
+    load = Load(stack.api_url, "full")
+    load.start()
+    await progress(load, 1500)
+    filler = small_volume / "filler"
+    await asyncio.to_thread(fill, filler)
+    written_when_full = len(written_lines(stack.out))
+    async with httpx.AsyncClient(timeout=5) as http:
+
+        async def not_ready() -> bool:
+            return (await http.get(f"{stack.consumer_url}/readyz")).status_code == 503
+
+        await eventually(not_ready, timeout=15, what="consumer not ready on a full volume")
+        await progress(load, 1500)  # the API goes on accepting: the broker holds them
+        assert not await queues_empty(stack.topo)
+        held = len(written_lines(stack.out)) - written_when_full
+        filler.unlink()
+
+        async def ready() -> bool:
+            return (await http.get(f"{stack.consumer_url}/readyz")).status_code == 200
+
+        await eventually(ready, timeout=20, what="ready again once freed")
+    await load.stop()
+    await stack.settled(load)
+    await stack.stop()
+    report(
+        Figures.count(
+            "output volume full (tmpfs), then freed",
+            load,
+            stack.out,
+            f"{held} entries written while full; readiness false, then true; "
+            + stack.consumer_note(),
+        )
+    )
+
+
+def fill(path: Path) -> None:
+    """Write until the file system says it is full."""
+    chunk = b"\0" * 65536
+    with path.open("wb") as handle:
+        try:
+            while True:
+                handle.write(chunk)
+                handle.flush()
+        except OSError:
+            pass
+
+
+async def test_sigterm_under_load_drains_both_services(stack: Stack) -> None:
+    """SIGTERM to the consumer mid-load: it drains within its bound and exits 0; a new one
+    carries on. Then SIGTERM to the API mid-load: in-flight requests finish, exit 0."""
+    await stack.start_api()
+    await stack.start_consumer()
+    load = Load(stack.api_url, "term")
+    load.start()
+    await progress(load, 1500)
+    assert stack.consumer is not None
+    started = time.monotonic()
+    stack.consumer.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(stack.consumer.wait, 20) == 0, stack.consumer.log
+    consumer_drain = time.monotonic() - started
+    assert consumer_drain < 10.5  # SHUTDOWN_TIMEOUT_SECONDS=10
+    await stack.start_consumer()
+    await progress(load, 1500)
+    assert stack.api is not None
+    started = time.monotonic()
+    stack.api.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(stack.api.wait, 20) == 0, stack.api.log
+    api_drain = time.monotonic() - started
+    await stack.start_api()
+    await progress(load, 1500)
+    await load.stop()
+    await stack.settled(load)
+    await stack.stop()
+    report(
+        Figures.count(
+            "SIGTERM consumer, then API, under load",
+            load,
+            stack.out,
+            f"consumer drained in {consumer_drain:.1f} s, API in {api_drain:.1f} s; exit 0; "
+            + stack.consumer_note(),
+        )
+    )
