@@ -94,11 +94,14 @@ class Ledger:
     def open(self) -> None:
         """Load every log in the directory (this host's included: what it recorded before a
         restart), then open this host's for appending, compacted."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         with self._lock:
-            self._read_others()
-            self._confirm()
-            self._compact()
+            self._open()
+
+    def _open(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._read_others()
+        self._confirm()
+        self._compact()
 
     # --- the write path ---------------------------------------------------------------------
 
@@ -132,6 +135,8 @@ class Ledger:
     def record(self, name: str, spans: list[Span]) -> None:
         """Writer thread, before the rename: make the record durable."""
         with self._lock:
+            if not self._opened:  # the volume was unusable at start-up
+                self._open()
             now = self._clock()
             self._recording[name] = (now, spans)
             self._append({"t": now, "f": name, "p": spans}, sync=True)
@@ -275,10 +280,17 @@ class Ledger:
             self.on_forget(len(old))
 
     def _read_others(self) -> None:
+        horizon = self._clock() - self._retention
         for path in self.folder.glob("*.log"):
             if path == self._path and self._opened:
                 continue  # our own, after start-up: the index already holds it
             try:
+                if path != self._path and path.stat().st_mtime < horizon:
+                    # A gone replica's log, untouched for the retention: every record in
+                    # it is past the horizon too, so it can go.
+                    path.unlink()
+                    self._others.pop(path.name, None)
+                    continue
                 handle = path.open("rb")
             except FileNotFoundError:
                 continue

@@ -4,6 +4,8 @@ what it forgets."""
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -228,6 +230,26 @@ async def test_retention_and_room_limits_forget_the_oldest(tmp_path: Path) -> No
     # A restart at t=1120 reads the log with the same horizon: k1 is past it now.
     fresh = opened(tmp_path, retention=60, clock=lambda: now[0])
     assert [fresh.written(f"k{i}") for i in range(3)] == [[], [], [(0, 1)]]
+
+
+async def test_a_gone_replicas_log_is_removed_after_the_retention(tmp_path: Path) -> None:
+    old = opened(tmp_path, "gone")
+    await write(old, batch_of(delivery([Part("m/0", 0, 1)], check=False), 0, 1), "f.jsonl")
+    log = tmp_path / ".ledger" / "gone.log"
+    os.utime(log, (time.time() - 7200, time.time() - 7200))
+    opened(tmp_path, "a", retention=3600)
+    assert not log.exists()
+    assert (tmp_path / ".ledger" / "a.log").exists()
+
+
+async def test_the_ledger_opens_itself_if_the_volume_was_unusable_at_start(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path / "late", "a")  # open() failed or never ran
+    (tmp_path / "late").mkdir()
+    d = delivery([Part("m/0", 0, 1)], check=False)
+    await write(ledger, batch_of(d, 0, 1), "f.jsonl")
+    assert opened(tmp_path / "late", "b").written("m/0") == [(0, 1)]
 
 
 async def test_the_log_is_compacted_to_what_is_live(tmp_path: Path) -> None:
