@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint unit install broker bench check-deploy clean
+.PHONY: run test lint unit install broker bench soak audit check-deploy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,18 @@ bench: install broker
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python -m bench.api_load --repeat 3 $(BENCH_ARGS)
 	$(BIN)/python -m bench.consumer_drain
+
+## soak: the fault suite, ADP_FAULT_SCALE (default 10) times longer, then its figures table
+soak: install broker
+	ADP_FAULT_SCALE=$${ADP_FAULT_SCALE:-10} $(BIN)/python -m pytest tests/e2e/test_faults.py \
+		-o timeout=3600 $(PYTEST_ARGS)
+	$(BIN)/python -m bench.fault_report
+
+## audit: known vulnerabilities in the installed dependencies (pip-audit; needs PyPI's JSON
+## API or OSV reachable, which the CI machines are not: see README, Security)
+audit: install
+	$(BIN)/python -m pip install --quiet pip-audit
+	$(BIN)/pip-audit --skip-editable --strict
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

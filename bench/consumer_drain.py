@@ -4,8 +4,10 @@ aio-pika consumer that acks without writing (the ceiling), in the same run.
 
     python -m bench.consumer_drain [--entries 200000] [--per-message 1,100]
                                    [--batch-sizes 5,1000] [--backlog 1000000]
+                                   [--exactly-once on,off]
 
-Prints entries/s per case, the share of the bare consumer's rate, and the consumer's RSS
+Prints entries/s per case — with the ledger (EXACTLY_ONCE=true, the default) and without,
+which is the ledger's cost — the share of the bare consumer's rate, and the consumer's RSS
 sampled while a large backlog (--backlog entries) waits and drains. Queues and files it
 makes are deleted. Not part of `make test`.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 import aio_pika
 
 from bench.api_load import body
+from services.common.wire import PARTS_HEADER
 from tests.support.net import free_port
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -45,7 +48,12 @@ async def fill(prefix: str, entries: int, per_message: int) -> int:
             await asyncio.gather(
                 *(
                     channel.default_exchange.publish(
-                        aio_pika.Message(payload, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                        aio_pika.Message(
+                            payload,
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                            message_id=uuid.uuid4().hex,  # as the API sends: the ledger
+                            headers={PARTS_HEADER: str(per_message)},  # records its parts
+                        ),
                         routing_key=f"{prefix}{i % SHARDS}",
                     )
                     for i in range(start, min(start + 1000, messages))
@@ -59,6 +67,7 @@ async def delete(prefix: str) -> None:
     async with connection, connection.channel() as channel:
         for shard in range(SHARDS):
             await channel.queue_delete(f"{prefix}{shard}")
+        await channel.queue_delete(f"{prefix}dead")
 
 
 def processed(port: int) -> float:
@@ -90,7 +99,12 @@ def rss_mib(pid: int) -> float:
 
 
 def drain_consumer(
-    prefix: str, entries: int, batch_size: int, out: Path, sample_rss: bool = False
+    prefix: str,
+    entries: int,
+    batch_size: int,
+    out: Path,
+    sample_rss: bool = False,
+    exactly_once: bool = True,
 ) -> tuple[float, list[float]]:
     port = free_port()
     env = {
@@ -103,6 +117,7 @@ def drain_consumer(
         "BATCH_SIZE": str(batch_size),
         "LOG_LEVEL": "WARNING",
         "HISTORY_LOG_INTERVAL_SECONDS": "0",
+        "EXACTLY_ONCE": str(exactly_once).lower(),
     }
     script = Path(sys.executable).parent / "async-data-processor"
     proc = subprocess.Popen(
@@ -160,30 +175,37 @@ def main() -> None:
     parser.add_argument("--per-message", default="1,100")
     parser.add_argument("--batch-sizes", default="5,1000")
     parser.add_argument("--backlog", type=int, default=1_000_000)
+    parser.add_argument("--exactly-once", default="on,off")
     args = parser.parse_args()
+    modes = [mode == "on" for mode in args.exactly_once.split(",")]
     rows = []
     for per_message in (int(x) for x in args.per_message.split(",")):
         for batch_size in (int(x) for x in args.batch_sizes.split(",")):
             prefix = f"adp_bench_{uuid.uuid4().hex[:8]}_"
-            out = Path(tempfile.mkdtemp(prefix="adp-bench-"))
             try:
                 messages = asyncio.run(fill(prefix, args.entries, per_message))
                 bare = drain_bare(prefix, messages, args.entries, prefetch_for(batch_size))
-                asyncio.run(fill(prefix, args.entries, per_message))
-                rate, _ = drain_consumer(prefix, args.entries, batch_size, out)
-                files = len(list(out.glob("*.jsonl")))
+                for exactly_once in modes:
+                    out = Path(tempfile.mkdtemp(prefix="adp-bench-"))
+                    try:
+                        asyncio.run(fill(prefix, args.entries, per_message))
+                        rate, _ = drain_consumer(
+                            prefix, args.entries, batch_size, out, exactly_once=exactly_once
+                        )
+                        files = len(list(out.glob("*.jsonl")))
+                    finally:
+                        shutil.rmtree(out, ignore_errors=True)
+                    rows.append((per_message, batch_size, exactly_once, bare, rate, files))
             finally:
                 asyncio.run(delete(prefix))
-                shutil.rmtree(out, ignore_errors=True)
-            rows.append((per_message, batch_size, bare, rate, files))
     print(
-        f"{'entries/msg':>11} {'BATCH_SIZE':>10} {'bare e/s':>10} {'consumer e/s':>12} "
-        f"{'share':>6} {'files':>7}"
+        f"{'entries/msg':>11} {'BATCH_SIZE':>10} {'ledger':>6} {'bare e/s':>10} "
+        f"{'consumer e/s':>12} {'share':>6} {'files':>7}"
     )
-    for per_message, batch_size, bare, rate, files in rows:
+    for per_message, batch_size, exactly_once, bare, rate, files in rows:
         print(
-            f"{per_message:>11} {batch_size:>10} {bare:>10.0f} {rate:>12.0f} "
-            f"{rate / bare:>6.0%} {files:>7}"
+            f"{per_message:>11} {batch_size:>10} {'on' if exactly_once else 'off':>6} "
+            f"{bare:>10.0f} {rate:>12.0f} {rate / bare:>6.0%} {files:>7}"
         )
     if args.backlog:
         prefix = f"adp_bench_{uuid.uuid4().hex[:8]}_"
