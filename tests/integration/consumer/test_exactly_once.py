@@ -98,6 +98,14 @@ async def test_a_renamed_but_unacked_file_is_not_written_again(
                 await eventually(
                     lambda: depth_and_unacked(amqp, topo), timeout=15, what="queue settled"
                 )
+
+                async def forgotten() -> bool:
+                    # Once the redelivery's ack is known applied (the barrier), the ledger
+                    # forgets the message: the lost ack's record included.
+                    text = (await consumer.http.get("/metrics")).text
+                    return sample(text, "adp_consumer_ledger_parts") == 0
+
+                await eventually(forgotten, timeout=10, what="ledger settled")
                 metrics = (await consumer.http.get("/metrics")).text
         if after != "same-process":
             # The process is gone (its broker connection died with it); the message comes
