@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.common.schema import entries_json_schema
+from services.common.wire import IDEMPOTENCY_KEY_MAX_LENGTH
 
 _ERROR = {
     "type": "object",
@@ -49,6 +50,28 @@ _ECHO = {
 }
 
 
+# The same bounds as services/api/ingest.py checks (a key outside them gets 400).
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": (
+        "Optional: a key the client chooses for this request and sends again, unchanged, "
+        "with every retry of it. A retry with the same key and the same body is written "
+        "once by the consumer, if it comes within LEDGER_RETENTION_SECONDS of the first "
+        "(and the consumer runs with EXACTLY_ONCE); a later retry, or another body under "
+        "the same key, is written again, never dropped. Without the header a retry after "
+        "a lost answer is written twice."
+    ),
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": IDEMPOTENCY_KEY_MAX_LENGTH,
+        "pattern": r"^[\x21-\x7e]+$",
+    },
+}
+
+
 def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
     response: dict[str, Any] = {
         "description": description,
@@ -76,6 +99,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/message": {
                 "post": {
                     "summary": "Accept entries; 201 once the broker confirmed all of them.",
+                    "parameters": [_IDEMPOTENCY_KEY],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": entries}},
@@ -85,7 +109,10 @@ def openapi_document(version: str) -> dict[str, Any]:
                             "description": "Every entry is durable in its shard queue; echoed.",
                             "content": {"application/json": {"schema": _ECHO}},
                         },
-                        "400": _error("Not a non-empty JSON array of valid entries."),
+                        "400": _error(
+                            "Not a non-empty JSON array of valid entries, or an invalid "
+                            "Idempotency-Key."
+                        ),
                         "401": _error("Tokens are configured and no valid bearer token was sent."),
                         "408": _error("The body did not arrive within BODY_TIMEOUT_SECONDS."),
                         "413": _error("The body is larger than MAX_BODY_BYTES."),

@@ -502,6 +502,9 @@ def test_helm_test_hook_asks_the_api_healthz() -> None:
         ("podSecurityContext.runAsNonRoot=false", "runAsNonRoot"),
         ("consumer.terminationGracePeriodSeconds=23", "terminationGracePeriodSeconds"),
         ("config.workersMin=5", "workersMin"),
+        ("config.ledgerMaxParts=999", "ledgerMaxParts"),
+        ("config.ledgerRetentionSeconds=0", "ledgerRetentionSeconds"),
+        ("config.exactlyOnce=maybe", "exactlyOnce"),
         ("rabbitmq.enabled=false", "externalBroker.existingSecret"),
     ],
 )
