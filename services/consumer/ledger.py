@@ -30,6 +30,7 @@ retention, or after its part was forgotten for room, is written again.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -60,7 +61,7 @@ class Ledger:
         host: str,
         *,
         retention: float = 3600.0,
-        max_parts: int = 1_000_000,
+        max_parts: int = 250_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.directory = directory
@@ -269,15 +270,20 @@ class Ledger:
             self._born.pop(part, None)
 
     def _trim_to_limits(self, now: float) -> None:
+        """Forget parts past the retention (their time is up), then the oldest beyond
+        LEDGER_MAX_PARTS (for room: counted, since a retry of those would be written
+        again)."""
         horizon = now - self._retention
-        old: list[str] = []
+        expired: list[str] = []
         for part, born in self._born.items():
-            if born >= horizon and len(self._born) - len(old) <= self._max_parts:
+            if born >= horizon:
                 break
-            old.append(part)
-        if old:
-            self._forget(old)
-            self.on_forget(len(old))
+            expired.append(part)
+        self._forget(expired)
+        excess = len(self._born) - self._max_parts
+        if excess > 0:
+            self._forget(list(itertools.islice(self._born, excess)))
+            self.on_forget(excess)
 
     def _read_others(self) -> None:
         horizon = self._clock() - self._retention

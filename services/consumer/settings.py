@@ -103,10 +103,10 @@ class ConsumerSettings(BrokerSettings):
         "(a retry later than this is written again), and unsettled ones.",
     )
     ledger_max_parts: int = Field(
-        1_000_000,
+        250_000,
         ge=1000,
         le=100_000_000,
-        description="Most request parts the ledger remembers (about 200 bytes of memory "
+        description="Most request parts the ledger remembers (up to about 750 bytes of memory "
         "each); past it the oldest are forgotten (counted in "
         "adp_consumer_ledger_forgotten_total).",
     )

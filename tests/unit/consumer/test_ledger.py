@@ -226,10 +226,23 @@ async def test_retention_and_room_limits_forget_the_oldest(tmp_path: Path) -> No
         now[0] += 40
     # At the last write (t=1080), k0 (t=1000) was past the 60 s retention, k1 (t=1040) not.
     assert [ledger.written(f"k{i}") for i in range(3)] == [[], [(0, 1)], [(0, 1)]]
-    assert sum(forgotten) == 1
+    assert forgotten == []  # its time was up: not "forgotten for room"
     # A restart at t=1120 reads the log with the same horizon: k1 is past it now.
     fresh = opened(tmp_path, retention=60, clock=lambda: now[0])
     assert [fresh.written(f"k{i}") for i in range(3)] == [[], [], [(0, 1)]]
+
+
+async def test_past_max_parts_the_oldest_are_forgotten_and_counted(tmp_path: Path) -> None:
+    forgotten: list[int] = []
+    ledger = opened(tmp_path, max_parts=1000)
+    ledger.on_forget = forgotten.append
+    for i in range(1003):
+        d = delivery([Part(f"k{i}", 0, 1, keyed=True)], check=False)
+        await write(ledger, batch_of(d, 0, 1), f"f{i}.jsonl")
+    assert ledger.parts == 1000
+    assert sum(forgotten) == 3
+    assert ledger.written("k2") == []
+    assert ledger.written("k3") == [(0, 1)]
 
 
 async def test_a_gone_replicas_log_is_removed_after_the_retention(tmp_path: Path) -> None:
