@@ -51,7 +51,7 @@ die() {
 # debootstrap and rabbitmqctl live in /usr/sbin, which a non-login PATH may lack.
 export PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
 packages=()
-for tool in debootstrap buildah podman; do
+for tool in debootstrap buildah podman runc; do
   command -v "$tool" >/dev/null 2>&1 || packages+=("$tool")
 done
 for tool in curl jq; do
@@ -65,7 +65,7 @@ if ((${#packages[@]})); then
   }
   apt_install || { apt-get update -qq >&2 && apt_install; }
 fi
-for tool in debootstrap buildah podman curl jq rabbitmqctl; do
+for tool in debootstrap buildah podman runc curl jq rabbitmqctl; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool still not found on PATH"
 done
 scripts/ensure-rabbitmq.sh
@@ -97,6 +97,9 @@ network_config_dir = "$cache/cni"
 
 [engine]
 cgroup_manager = "cgroupfs"
+# runc, not crun: some of these machines mount cgroup v1 and v2 side by side ("hybrid"),
+# which crun refuses ("cgroups in hybrid mode not supported"); runc runs on both.
+runtime = "runc"
 events_logger = "file"
 events_logfile_path = "$run_dir/events.log"
 tmp_dir = "$run_dir/libpod"
@@ -234,7 +237,8 @@ fi
 
 # --- build -----------------------------------------------------------------------------------
 bud() {
-  buildah bud --pull=never --layers --force-rm --format docker --network host "$@" "$repo" 2>&1
+  buildah bud --pull=never --layers --force-rm --format docker --network host \
+    --runtime runc "$@" "$repo" 2>&1
 }
 # build DOCKERFILE IMAGE: the build stage is tagged too (IMAGE-build), so that pruning the
 # nameless images left by earlier builds keeps its cached layers.
