@@ -26,7 +26,7 @@ from services.api.metrics import ApiMetrics
 from services.api.publisher import Publisher
 from services.common.schema import EntryError, InvalidEntries, dump_entries, parse_entries
 from services.common.sharding import group_by_shard
-from services.common.wire import IDEMPOTENCY_KEY_MAX_LENGTH
+from services.common.wire import IDEMPOTENCY_KEY_MAX_LENGTH, request_key
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ class Ingest:
             key = _idempotency_key(scope["headers"])
             entries = parse_entries(body)
             groups = group_by_shard(entries, self._shards_count)
-            await publisher.publish(groups, key)
+            echo = dump_entries(entries)
+            await publisher.publish(groups, request_key(key, echo) if key else None)
         except InvalidEntries as exc:
             await _respond(send, 400, _invalid(exc))
             return 400
@@ -124,7 +125,7 @@ class Ingest:
             return 503
         for shard, group in groups.items():
             self._accepted[shard].inc(len(group))
-        await _send(send, 201, dump_entries(entries), ())
+        await _send(send, 201, echo, ())
         return 201
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:

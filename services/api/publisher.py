@@ -49,7 +49,8 @@ class Publisher(Protocol):
 
     async def publish(self, groups: dict[int, list[Entry]], key: bytes | None = None) -> None:
         """Return once every group is confirmed into its shard's queue; else raise
-        `PublishFailed`. `key`: the request's Idempotency-Key, if it has one."""
+        `PublishFailed`. `key`: for a request with an Idempotency-Key, its
+        `wire.request_key`, from which its parts' ids derive."""
 
 
 @dataclass(eq=False, slots=True)

@@ -4,9 +4,9 @@ A message the API publishes is the concatenation of one or more requests' parts 
 request's entries of one shard). The header `x-adp-parts` lists them in order, each as
 `<count>` or `<count>@<key id>`:
 
-- a part of a request sent with an `Idempotency-Key` carries a key id derived from the key
-  and the part's bytes, so a client's retry of the same request yields the same id even
-  though the retry lands in another message;
+- a part of a request sent with an `Idempotency-Key` carries a key id derived from the key,
+  the whole request and the part's bytes, so a client's retry of the same request yields
+  the same id even though the retry lands in another message;
 - a part without one is known by `<message_id>/<position>`: stable across redeliveries of
   the same message.
 
@@ -35,14 +35,18 @@ class Part:
     keyed: bool = False
 
 
-def key_id(key: bytes, part: bytes) -> str:
-    """The id of a part of a request with an Idempotency-Key: the same key and the same
-    entries give the same id; another body under a reused key gives another id, so a
-    client's mistake never drops data."""
-    digest = hashlib.blake2b(part, key=key[:64], digest_size=16, person=b"adp-part")
-    if len(key) > 64:  # blake2b keys are at most 64 bytes: fold the rest into the data
-        digest.update(b"\0" + key[64:])
-    return "k" + digest.hexdigest()
+def request_key(key: bytes, body: bytes) -> bytes:
+    """What the part ids of a request with an Idempotency-Key derive from: the key and the
+    whole request (its entries as the API echoes them). A retry of the same request gets
+    the same ids; another body under a reused key — even one sharing a shard's entries with
+    the first — gets others, so a client's mistake never drops data."""
+    material = len(key).to_bytes(2, "big") + key + body
+    return hashlib.blake2b(material, digest_size=32, person=b"adp-request").digest()
+
+
+def key_id(request: bytes, part: bytes) -> str:
+    """The id of one shard's part of a keyed request (`request` from `request_key`)."""
+    return "k" + hashlib.blake2b(request + part, digest_size=16, person=b"adp-part").hexdigest()
 
 
 def part_spec(count: int, keyed_id: str | None) -> str:

@@ -22,7 +22,7 @@ import pytest
 from aio_pika.abc import AbstractConnection
 
 from services.common.topology import Topology
-from services.common.wire import PARTS_HEADER, key_id, part_spec
+from services.common.wire import PARTS_HEADER, key_id, part_spec, request_key
 from services.consumer.batch import Batch
 from services.consumer.ledger import Ledger
 from services.consumer.sink import FileSink, Sink
@@ -152,8 +152,9 @@ async def test_a_clients_retry_with_the_same_idempotency_key_is_written_once(
     other = entries(2, "other")
     changed = entries(3, "changed")
     part = json.dumps(first).encode()
-    kid = key_id(b"order-17", part)
-    changed_id = key_id(b"order-17", json.dumps(changed).encode())
+    kid = key_id(request_key(b"order-17", part), part)
+    changed_part = json.dumps(changed).encode()
+    changed_id = key_id(request_key(b"order-17", changed_part), changed_part)
     bodies = [
         # attempt 1: alone; attempt 2 (the retry): grouped behind another request's part
         (part, part_spec(3, kid)),

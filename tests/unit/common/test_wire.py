@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.wire import Part, key_id, parse_parts, part_spec
+from services.common.wire import Part, key_id, parse_parts, part_spec, request_key
 
 
 def test_a_retry_of_the_same_request_gets_the_same_id_another_body_another() -> None:
-    part = b'[{"timestamp":"2019-10-12T07:20:50.52Z","value":"a"}]'
-    assert key_id(b"k-1", part) == key_id(b"k-1", part)
-    assert key_id(b"k-1", part) != key_id(b"k-2", part)
-    assert key_id(b"k-1", part) != key_id(b"k-1", part.replace(b'"a"', b'"b"'))
-    long_key = b"x" * 200
-    assert key_id(long_key, part) != key_id(long_key[:64], part)  # the whole key counts
-    assert key_id(b"k-1", part).startswith("k")
+    a = b'[{"timestamp":"2019-10-12T07:20:50.52Z","value":"a"}]'
+    b = b'[{"timestamp":"2019-10-12T07:20:51.52Z","value":"b"}]'
+    both = a[:-1] + b"," + b[1:]
+    first = request_key(b"k-1", both)
+    assert key_id(first, a) == key_id(request_key(b"k-1", both), a)  # the retry
+    assert key_id(first, a) != key_id(first, b)  # the request's other shard
+    assert key_id(first, a) != key_id(request_key(b"k-2", both), a)  # another key
+    # The same key reused for another request that shares shard 0's part: not a retry.
+    assert key_id(first, a) != key_id(request_key(b"k-1", a), a)
+    long_key = b"x" * 255
+    assert request_key(long_key, a) != request_key(long_key[:-1] + b"y", a)
+    assert key_id(first, a).startswith("k")
 
 
 def test_parts_are_read_in_order_keyed_or_named_by_message_and_position() -> None:
