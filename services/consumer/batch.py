@@ -121,16 +121,23 @@ class Batch:
             offset += count
         return Batch(self.shard, entries, sources, self.attempts)
 
-    def ranges(self) -> Iterator[tuple[Part, int, int, int]]:
-        """For each part of each source: (part, first, end) in the part's own numbering,
-        and where that range starts in `entries`. Only for an untrimmed batch."""
+    def ranges(self) -> Iterator[tuple[Delivery, Part, int, int, int]]:
+        """For each part of each source: its delivery, the part, (first, end) in the part's
+        own numbering, and where that range starts in `entries`. Only for an untrimmed
+        batch."""
         offset = 0
         for delivery, count, start in self.sources:
             end = start + count
             for part in delivery.parts:
                 first, last = max(start, part.start), min(end, part.end)
                 if first < last:
-                    yield part, first - part.start, last - part.start, offset + first - start
+                    yield (
+                        delivery,
+                        part,
+                        first - part.start,
+                        last - part.start,
+                        offset + first - start,
+                    )
             offset += count
 
     def only(self, entries: list[Entry], spans: list[tuple[str, int, int]]) -> Batch:
@@ -141,7 +148,10 @@ class Batch:
     def retry(self) -> Batch:
         """The same entries as a fresh batch for the next attempt. A fresh object, because
         the abandoned write may still be running in its thread and must keep seeing
-        "abandoned"."""
+        "abandoned". An attempt may have put the file in place before it failed (the
+        directory sync, say), so its deliveries are looked up in the ledger from now on."""
+        for delivery, _, _ in self.sources:
+            delivery.check = True
         return Batch(self.shard, self.entries, self.sources, self.attempts + 1)
 
 

@@ -4,27 +4,32 @@ Entries are known by part (`services.common.wire`): a part id and an index in th
 ledger is a log per consumer process in the output volume, `.ledger/<host>.log`, JSON
 Lines:
 
+- `{"g": generation}` — the first line, new at each compaction (readers notice the rewrite);
 - `{"t": time, "f": file, "p": [[part, first, end], ...]}` — appended and fsynced *before*
   the batch file is renamed into place (so a file under its final name is always recorded);
-- `{"d": file}` — appended after the rename (not synced): the record is confirmed. A record
-  without it (the process died between the two) counts only if the file exists;
+- `{"d": file}` — appended after the rename and the directory sync (not synced itself): the
+  record is confirmed. A record without it (the process died between the two) counts only
+  if the file exists (the directory is synced before it is trusted);
 - `{"s": [part, ...]}` — parts whose message is settled (acked, and the ack known to have
-  reached the broker): they can never come back, so every reader forgets them.
+  reached the broker): they cannot come back, so every reader forgets them.
 
-Writing a batch (`admit` → sink → `release`): entries of a delivery that may already be
-written (a redelivery, or a part with an Idempotency-Key) are looked up — in this process's
+Writing a batch (`admit` → sink → `release`): its ranges are claimed first, so another copy
+of the same entries in this process waits for this write's outcome instead of racing it.
+Entries of a delivery that may already be written (a redelivery, a part with an
+Idempotency-Key, a batch retried after a failed attempt) are looked up — in this process's
 records and in every other process's log in the same directory (replicas sharing a volume),
-read incrementally — and those already in a file are left out; the rest are claimed while
-the file is written, so a second copy of the same entries in this process waits for the
-first write's outcome instead of racing it. Deliveries are still settled for every entry.
+read incrementally, on an executor thread — and those already in a file are left out.
+Deliveries are still settled for every entry. The event loop never waits for the lock the
+writer threads hold across disk I/O.
 
 What is kept: unsettled parts (messages written but whose ack is not known to have arrived)
 and parts with an Idempotency-Key for LEDGER_RETENTION_SECONDS, at most LEDGER_MAX_PARTS
-(oldest forgotten first, counted). The own log is compacted to that when it grows.
+(oldest forgotten first, counted). The own log is compacted to that when it has doubled.
 
 Limits (README, Guarantees): another replica's write of the same entries that is still in
 progress (recorded, not yet renamed) is not waited for; a retry arriving after the
-retention, or after its part was forgotten for room, is written again.
+retention, or after its part was forgotten for room, is written again; a broker that
+forgets acks it had applied (a crash, a quorum leader change) redelivers settled messages.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -44,6 +50,7 @@ from pydantic_core import to_json
 
 from services.common.schema import Entry
 from services.consumer.batch import Batch, Delivery
+from services.consumer.files import fsync_directory, write_all
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +58,6 @@ LEDGER_DIR = ".ledger"
 COMPACT_BYTES = 8 * 1024 * 1024
 
 Span = tuple[str, int, int]  # part id, first, end (indices in the part)
-Claim = tuple[list[tuple[str, int, int]], "asyncio.Future[None]"]
 
 
 class Ledger:
@@ -73,20 +79,22 @@ class Ledger:
         # Hooks for metrics: parts forgotten for room; entries left out (shard, count).
         self.on_forget: Callable[[int], None] = lambda count: None
         self.on_skip: Callable[[int, int], None] = lambda shard, count: None
-        self._lock = threading.Lock()  # the writer threads and the event loop share the index
+        # The writer threads and the executor share these; the event loop never takes it.
+        self._lock = threading.Lock()
         self._opened = False
         self._size = 0
+        self._compact_at = COMPACT_BYTES
         # part id -> [(first, end, file)] written; insertion order is age order.
         self._written: dict[str, list[tuple[int, int, str]]] = {}
         self._born: dict[str, float] = {}
-        self._unconfirmed: set[str] = set()  # recorded files not known to be renamed
+        self._unconfirmed: set[str] = set()  # recorded files not known to be in place
         self._own: dict[str, tuple[float, list[Span]]] = {}  # this log's records, by file
         self._recording: dict[str, tuple[float, list[Span]]] = {}  # recorded, not renamed
-        self._others: dict[str, tuple[int, int]] = {}  # other log -> (inode, bytes read)
-        # In this process: part id -> ranges being written now, with the write's outcome.
+        self._others: dict[str, tuple[object, int]] = {}  # other log -> (generation, read)
+        # Event loop only: part id -> ranges being written now, with the write's outcome.
         self._writing: dict[str, list[tuple[int, int, asyncio.Future[None]]]] = {}
-        self._claims: dict[Batch, asyncio.Future[None]] = {}
-        # Acked deliveries' parts waiting for a barrier on their channel before settling.
+        self._claims: dict[Batch, tuple[asyncio.Future[None], list[str]]] = {}
+        # Event loop only: acked deliveries' parts waiting for a barrier on their channel.
         self._acked: dict[RawChannel, list[str]] = {}
         self.skipped = 0  # entries found already written (duplicates avoided)
 
@@ -94,70 +102,77 @@ class Ledger:
 
     def open(self) -> None:
         """Load every log in the directory (this host's included: what it recorded before a
-        restart), then open this host's for appending, compacted."""
+        restart), then rewrite this host's, compacted."""
         with self._lock:
             self._open()
 
-    def _open(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._read_others()
-        self._confirm()
-        self._compact()
+    # --- the write path (event loop) ----------------------------------------------------------
 
-    # --- the write path ---------------------------------------------------------------------
-
-    async def admit(self, batch: Batch, refresh: Callable[[], object] | None = None) -> Batch:
+    async def admit(self, batch: Batch) -> Batch:
         """The batch to write: without entries already in a file, with the spans the file
-        will hold; its ranges are claimed until `release`."""
+        will hold. Its ranges stay claimed until `release` (also if this raises OSError:
+        then it releases them itself)."""
         check = any(delivery.check for delivery, _, _ in batch.sources)
         if check:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, self.refresh)
             while waits := self._overlapping(batch):
                 await asyncio.wait(waits)
-        return self._claim(self._trim(batch) if check else self._spans(batch))
+        # Claimed before any await: a copy admitted meanwhile waits for this one.
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        claimed = self._claim(batch, future)
+        try:
+            if check:
+                loop = asyncio.get_running_loop()
+                admitted = await loop.run_in_executor(None, self._refresh_and_trim, batch)
+            else:
+                admitted = batch.only(batch.entries, self._spans(batch))
+        except BaseException:
+            self._unclaim(future, claimed)
+            raise
+        self._claims[admitted] = (future, claimed)
+        return admitted
 
     def release(self, batch: Batch) -> None:
         """The write of an admitted batch ended (written or not)."""
-        future = self._claims.pop(batch, None)
-        if future is None:
-            return
-        future.set_result(None)
-        for part, _, _ in batch.spans:
-            claims = self._writing.get(part)
-            if claims is None:
-                continue
-            kept = [claim for claim in claims if claim[2] is not future]
-            if kept:
-                self._writing[part] = kept
-            else:
-                del self._writing[part]
+        claim = self._claims.pop(batch, None)
+        if claim is not None:
+            self._unclaim(*claim)
+
+    # --- the write path (writer threads) ------------------------------------------------------
 
     def record(self, name: str, spans: list[Span]) -> None:
-        """Writer thread, before the rename: make the record durable."""
+        """Before the rename: make the record durable."""
+        now = self._clock()
+        line = to_json({"t": now, "f": name, "p": spans}) + b"\n"
         with self._lock:
             if not self._opened:  # the volume was unusable at start-up
                 self._open()
-            now = self._clock()
             self._recording[name] = (now, spans)
-            self._append({"t": now, "f": name, "p": spans}, sync=True)
+            fd = self._append(line)
+        try:
+            os.fdatasync(fd)  # outside the lock: the writers' syncs overlap
+        finally:
+            os.close(fd)
 
     def abort(self, name: str) -> None:
-        """Writer thread: the recorded file was not renamed into place after all."""
+        """The recorded file was not renamed into place after all."""
         with self._lock:
             self._recording.pop(name, None)
 
     def confirm(self, name: str, spans: list[Span]) -> None:
-        """Writer thread, after the rename (and the directory sync)."""
+        """After the rename (and the directory sync, or its attempt): the file is in place.
+        Never raises: the durable record already says so."""
         with self._lock:
             now = self._clock()
             self._recording.pop(name, None)
             self._own[name] = (now, spans)
             self._add(name, spans, now)
-            self._append({"d": name}, sync=False)
             self._trim_to_limits(now)
-            if self._size > COMPACT_BYTES:
-                self._compact()
+            try:
+                os.close(self._append(to_json({"d": name}) + b"\n"))
+                if self._size > self._compact_at:
+                    self._compact()
+            except OSError as exc:
+                log.warning("ledger: could not append or compact (%s); the record stands", exc)
 
     # --- settling ---------------------------------------------------------------------------
 
@@ -199,36 +214,48 @@ class Ledger:
             return [(a, b) for a, b, f in self._written.get(part, ()) if f not in self._unconfirmed]
 
     def refresh(self) -> None:
-        """Read what other processes appended to their logs; confirm records whose file
-        has appeared."""
+        """Read what other processes appended to their logs; confirm records whose file is
+        in place."""
         with self._lock:
             self._read_others()
             self._confirm()
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _spans(self, batch: Batch) -> Batch:
-        spans = [(p.id, a, b) for p, a, b, _ in batch.ranges() if p.id is not None]
-        return batch.only(batch.entries, spans)
+    def _open(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._read_others()
+        self._confirm()
+        self._compact()
 
-    def _trim(self, batch: Batch) -> Batch:
+    def _spans(self, batch: Batch) -> list[Span]:
+        return [(p.id, a, b) for _, p, a, b, _ in batch.ranges() if p.id is not None]
+
+    def _refresh_and_trim(self, batch: Batch) -> Batch:
+        """Executor thread: the batch without what is already written, looked up for the
+        deliveries that may have been (the others' entries cannot have been: a reused
+        `message_id` of someone else's must not make them vanish)."""
         entries: list[Entry] = []
         spans: list[Span] = []
         # Two copies may share the batch itself (a client's retry right behind the
         # original): what this batch already takes counts as written for the rest of it.
         taken: dict[str, list[tuple[int, int]]] = {}
         with self._lock:
-            for part, first, end, offset in batch.ranges():
+            self._read_others()
+            self._confirm()
+            for delivery, part, first, end, offset in batch.ranges():
                 if part.id is None:  # not identifiable: written as it is
                     entries.extend(batch.entries[offset : offset + end - first])
                     continue
-                done = [
-                    (a, b)
-                    for a, b, f in self._written.get(part.id, ())
-                    if f not in self._unconfirmed
-                ]
                 mine = taken.setdefault(part.id, [])
-                for a, b in _missing(first, end, done + mine):
+                done: list[tuple[int, int]] = list(mine)
+                if delivery.check:
+                    done += [
+                        (a, b)
+                        for a, b, f in self._written.get(part.id, ())
+                        if f not in self._unconfirmed
+                    ]
+                for a, b in _missing(first, end, done):
                     entries.extend(batch.entries[offset + a - first : offset + b - first])
                     spans.append((part.id, a, b))
                     mine.append((a, b))
@@ -241,28 +268,47 @@ class Ledger:
 
     def _overlapping(self, batch: Batch) -> list[asyncio.Future[None]]:
         waits = []
-        for part, first, end, _ in batch.ranges():
+        for _, part, first, end, _ in batch.ranges():
             for a, b, future in self._writing.get(part.id or "", ()):
                 if a < end and first < b:
                     waits.append(future)
         return waits
 
-    def _claim(self, batch: Batch) -> Batch:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        for part, first, end in batch.spans:
-            self._writing.setdefault(part, []).append((first, end, future))
-        self._claims[batch] = future
-        return batch
+    def _claim(self, batch: Batch, future: asyncio.Future[None]) -> list[str]:
+        claimed = []
+        for _, part, first, end, _ in batch.ranges():
+            if part.id is not None:
+                self._writing.setdefault(part.id, []).append((first, end, future))
+                claimed.append(part.id)
+        return claimed
+
+    def _unclaim(self, future: asyncio.Future[None], claimed: list[str]) -> None:
+        if not future.done():
+            future.set_result(None)
+        for part in claimed:
+            claims = self._writing.get(part)
+            if claims is None:
+                continue
+            kept = [claim for claim in claims if claim[2] is not future]
+            if kept:
+                self._writing[part] = kept
+            else:
+                del self._writing[part]
 
     def _add(self, name: str, spans: Iterable[Span], born: float) -> None:
         for part, first, end in spans:
-            self._written.setdefault(part, []).append((first, end, name))
+            ranges = self._written.setdefault(part, [])
+            if (first, end, name) not in ranges:  # a log read again after a compaction
+                ranges.append((first, end, name))
             self._born.setdefault(part, born)
 
     def _settle(self, ids: list[str]) -> None:
         with self._lock:
             self._forget(ids)
-            self._append({"s": ids}, sync=False)
+            try:
+                os.close(self._append(to_json({"s": ids}) + b"\n"))
+            except OSError as exc:
+                log.warning("ledger: could not note settled parts (%s)", exc)
 
     def _forget(self, ids: Iterable[str]) -> None:
         for part in ids:
@@ -301,24 +347,26 @@ class Ledger:
             except FileNotFoundError:
                 continue
             with handle:
-                status = os.fstat(handle.fileno())
-                inode, offset = self._others.get(path.name, (status.st_ino, 0))
-                if inode != status.st_ino or status.st_size < offset:
-                    offset = 0  # compacted by its writer: read it again
+                generation = _generation(handle.readline(200))
+                size = os.fstat(handle.fileno()).st_size
+                seen, offset = self._others.get(path.name, (generation, 0))
+                if seen != generation or size < offset:
+                    offset = 0  # rewritten (compacted) by its writer: read it again
                 handle.seek(offset)
                 data = handle.read()
             complete = data.rfind(b"\n") + 1  # a line being appended is read next time
             self._apply(data[:complete], own=path == self._path)
-            self._others[path.name] = (status.st_ino, offset + complete)
+            self._others[path.name] = (generation, offset + complete)
 
     def _apply(self, data: bytes, *, own: bool) -> None:
-        now = self._clock()
-        horizon = now - self._retention
+        horizon = self._clock() - self._retention
         for line in data.splitlines():
             try:
                 item = json.loads(line)
             except ValueError:
                 continue  # a torn last line of a crashed writer
+            if not isinstance(item, dict):
+                continue
             if "f" in item:
                 born = float(item["t"])
                 if born < horizon:
@@ -334,26 +382,30 @@ class Ledger:
                 self._forget(item["s"])
 
     def _confirm(self) -> None:
-        for name in list(self._unconfirmed):
-            if (self.directory / name).exists():
-                self._unconfirmed.discard(name)
+        """Records without their confirmation whose file is in place count once the
+        directory is synced (the rename may not have been, when their writer died)."""
+        present = [name for name in self._unconfirmed if (self.directory / name).exists()]
+        if present:
+            fsync_directory(self.directory)
+            self._unconfirmed.difference_update(present)
 
-    def _append(self, item: dict[str, object], *, sync: bool) -> None:
-        # Opened for each line (cheap beside the fsyncs): no descriptor held between
-        # writes, so a log removed by hand comes back, and the volume can be remounted.
-        line = to_json(item) + b"\n"
+    def _append(self, line: bytes) -> int:
+        """Append a line; returns the open descriptor (the caller syncs if it must, and
+        closes it). Opened for each line (cheap beside the fsyncs): no descriptor is held
+        between writes, so a log removed by hand comes back, and the volume can be
+        remounted."""
         fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, line)
-            if sync:
-                os.fdatasync(fd)
-        finally:
+            write_all(fd, line)
+        except BaseException:
             os.close(fd)
+            raise
         self._size += len(line)
+        return fd
 
     def _compact(self) -> None:
         """Rewrite this host's log with what is still live, atomically."""
-        live: list[bytes] = []
+        live = [to_json({"g": uuid.uuid4().hex}) + b"\n"]
         for name, (born, spans) in list(self._own.items()):
             kept = [s for s in spans if s[0] in self._written]
             if not kept or name in self._unconfirmed:
@@ -367,18 +419,24 @@ class Ledger:
         temporary = self.folder / f".{self._path.name}.tmp"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            os.write(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(temporary, self._path)
-        dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_directory(self.folder)
         self._opened = True
         self._size = len(data)
+        # Compact again once the log has doubled: never on every write.
+        self._compact_at = max(COMPACT_BYTES, 2 * len(data))
+
+
+def _generation(first_line: bytes) -> object:
+    try:
+        item = json.loads(first_line)
+    except ValueError:
+        return None
+    return item.get("g") if isinstance(item, dict) else None
 
 
 def _missing(first: int, end: int, done: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -263,7 +263,11 @@ class Pool:
             return "written"  # every source's channel died: the broker redelivers them all
         if self._ledger is None:
             return await self._write_live(worker, batch, live)
-        live = await self._ledger.admit(live)
+        try:
+            live = await self._ledger.admit(live)
+        except OSError as exc:  # its logs unreadable: the volume's trouble, as a write's
+            await self._write_failed(worker, batch, exc)
+            return "retry"
         try:
             if not live.entries:  # all already in files: settle, write nothing
                 await asyncio.shield(self._acker.batch_written(live))

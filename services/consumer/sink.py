@@ -25,6 +25,7 @@ from typing import Protocol
 from pydantic_core import to_json
 
 from services.consumer.batch import Batch
+from services.consumer.files import fsync_directory, write_durably
 from services.consumer.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class FileSink:
         temporary = self.directory / f".{name}.tmp"
         ledger = self._ledger
         try:
-            _write_durably(temporary, data)
+            write_durably(temporary, data)
             if not batch.commit():
                 raise Abandoned(name)
             if ledger is not None:
@@ -123,9 +124,13 @@ class FileSink:
             if ledger is not None:
                 ledger.abort(name)
             raise
-        _fsync_directory(self.directory)
-        if ledger is not None:
-            ledger.confirm(name, batch.spans)
+        try:
+            fsync_directory(self.directory)
+        finally:
+            # In place even if the sync failed: the batch is retried then, and the retry
+            # finds these entries written instead of writing them again.
+            if ledger is not None:
+                ledger.confirm(name, batch.spans)
         return name
 
     def _reject(self, body: bytes, reason: str, message_id: str | None) -> str:
@@ -135,9 +140,9 @@ class FileSink:
         name = f"{self._name('rejected')[:-6]}.json"
         document = {"reason": reason, "message_id": message_id, "body": body.decode("latin-1")}
         temporary = folder / f".{name}.tmp"
-        _write_durably(temporary, to_json(document))
+        write_durably(temporary, to_json(document))
         os.rename(temporary, folder / name)
-        _fsync_directory(folder)
+        fsync_directory(folder)
         return name
 
     def _check(self) -> None:
@@ -146,22 +151,3 @@ class FileSink:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.close(fd)
         probe.unlink()
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -104,6 +104,42 @@ async def test_two_copies_in_one_batch_are_written_once(tmp_path: Path) -> None:
     assert [count for _, count, _ in left.sources] == [3, 3]  # both settled
 
 
+async def test_only_deliveries_that_may_be_written_are_looked_up(tmp_path: Path) -> None:
+    """A first delivery whose message_id someone reused (a hand-published message) shares a
+    batch with a redelivery: its entries are written, not taken for the old ones."""
+    ledger = opened(tmp_path)
+    await write(ledger, batch_of(delivery([Part("reused/0", 0, 2)], check=False), 0, 2), "f1")
+    redelivered = delivery([Part("m/0", 0, 1)], check=True)
+    newcomer = delivery([Part("reused/0", 0, 2)], check=False)
+    batch = batch_of(redelivered, 0, 1)
+    batch.add(newcomer, batch_of(newcomer, 0, 2, tag="new").entries, 0)
+    left = await write(ledger, batch, "f2")
+    assert [e["value"] for e in left.entries] == ["v0", "new0", "new1"]
+
+
+async def test_a_retried_batch_is_looked_up() -> None:
+    """An attempt may have put the file in place before failing (its directory sync)."""
+    d = delivery([Part("m/0", 0, 1)], check=False)
+    assert batch_of(d, 0, 1).retry().sources[0][0].check
+
+
+async def test_the_event_loop_does_not_wait_for_the_writers_lock(tmp_path: Path) -> None:
+    """A writer thread holds the lock across disk I/O (a slow disk): a lookup waits on its
+    executor thread, the loop goes on."""
+    ledger = opened(tmp_path)
+    with ledger._lock:
+        admitting = asyncio.ensure_future(
+            ledger.admit(batch_of(delivery([Part("m/0", 0, 1)], check=True), 0, 1))
+        )
+        ticks = 0
+        for _ in range(10):
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 10
+        assert not admitting.done()
+    assert len((await asyncio.wait_for(admitting, 2)).entries) == 1
+
+
 async def test_an_unchecked_delivery_is_not_looked_up(tmp_path: Path) -> None:
     """A first delivery cannot have been written: no lookup, no cost."""
     ledger = opened(tmp_path)
@@ -263,6 +299,24 @@ async def test_the_ledger_opens_itself_if_the_volume_was_unusable_at_start(
     d = delivery([Part("m/0", 0, 1)], check=False)
     await write(ledger, batch_of(d, 0, 1), "f.jsonl")
     assert opened(tmp_path / "late", "b").written("m/0") == [(0, 1)]
+
+
+async def test_compaction_waits_for_the_log_to_double_and_readers_keep_one_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("services.consumer.ledger.COMPACT_BYTES", 2048)
+    writer = opened(tmp_path, "a")
+    reader = opened(tmp_path, "b")
+    log = tmp_path / ".ledger" / "a.log"
+    generations = set()
+    for i in range(200):  # keyed: all stay live, so the live log outgrows the threshold
+        d = delivery([Part(f"k{i}", 0, 1, keyed=True)], check=False)
+        await write(writer, batch_of(d, 0, 1), f"f{i}.jsonl")
+        generations.add(log.read_bytes().split(b"\n", 1)[0])
+        reader.refresh()
+    assert 2 <= len(generations) <= 12  # compacted a few times, not on every write
+    assert all(reader.written(f"k{i}") == [(0, 1)] for i in range(200))
+    assert max(len(r) for r in reader._written.values()) == 1  # no copy per re-read
 
 
 async def test_the_log_is_compacted_to_what_is_live(tmp_path: Path) -> None:
