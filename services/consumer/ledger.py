@@ -312,8 +312,16 @@ class Ledger:
 
     def _forget(self, ids: Iterable[str]) -> None:
         for part in ids:
-            self._written.pop(part, None)
             self._born.pop(part, None)
+            for _, _, name in self._written.pop(part, ()):
+                own = self._own.get(name)
+                if own is None:
+                    continue
+                spans = [span for span in own[1] if span[0] != part]
+                if spans:
+                    self._own[name] = (own[0], spans)
+                else:  # nothing of that file left to remember
+                    del self._own[name]
 
     def _trim_to_limits(self, now: float) -> None:
         """Forget parts past the retention (their time is up), then the oldest beyond

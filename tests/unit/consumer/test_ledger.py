@@ -233,6 +233,9 @@ async def test_settled_parts_are_forgotten_here_and_by_readers_keyed_ones_kept(
     assert channel.barriers == 1
     assert ledger.written("m/0") == []
     assert ledger.written("kx") == [(0, 2)]  # a client may still retry it
+    assert ledger._own["f1.jsonl"][1] == [("kx", 0, 2)]
+    ledger._forget(["kx"])
+    assert ledger._own == {}  # memory follows what is remembered
     reader.refresh()
     assert reader.written("m/0") == []
 
