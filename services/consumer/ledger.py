@@ -50,7 +50,7 @@ from pydantic_core import to_json
 
 from services.common.schema import Entry
 from services.consumer.batch import Batch, Delivery
-from services.consumer.files import fsync_directory, write_all
+from services.consumer.files import fsync_directory, write_all, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -425,12 +425,8 @@ class Ledger:
             live.append(to_json({"t": born, "f": name, "p": spans}) + b"\n")
         data = b"".join(live)
         temporary = self.folder / f".{self._path.name}.tmp"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        temporary.unlink(missing_ok=True)  # left by a compaction that died
+        write_durably(temporary, data)
         os.rename(temporary, self._path)
         fsync_directory(self.folder)
         self._opened = True

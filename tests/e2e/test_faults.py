@@ -199,11 +199,31 @@ def stack(fault_topology: Topology, tmp_path: Path, rabbitmq_url: str) -> Iterat
         the_stack.close()
 
 
-def report(figures: Figures) -> None:
+async def finish(
+    stack: Stack, load: Load, scenario: str, note: str = "", *, exact: bool = True
+) -> None:
+    """Stop the load, wait until every accepted entry is written and the queues are empty,
+    stop both services (SIGTERM, exit 0), save the figures and assert them: nothing lost,
+    and (`exact`) nothing written twice."""
+    await load.stop()
+    await stack.settled(load)
+    await stack.stop()
+    notes = "; ".join(part for part in (note.rstrip("; "), stack.consumer_note()) if part)
+    figures = Figures.count(scenario, load, stack.out, notes)
     figures.save(RESULTS)
-    assert figures.lost == 0, figures
-    assert figures.duplicated == 0, figures
     assert figures.accepted > 0, figures
+    assert figures.lost == 0, figures
+    if exact:
+        assert figures.duplicated == 0, figures
+
+
+async def terminate(process: ServiceProcess | None) -> float:
+    """SIGTERM; asserts exit 0; returns how long the drain took."""
+    assert process is not None
+    started = time.monotonic()
+    process.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 20) == 0, process.log
+    return time.monotonic() - started
 
 
 async def progress(load: Load, entries: int, timeout: float = 30) -> None:
@@ -213,6 +233,12 @@ async def progress(load: Load, entries: int, timeout: float = 30) -> None:
         return len(load.accepted) >= target
 
     await eventually(reached, timeout=timeout, interval=0.1, what=f"{entries} more accepted")
+
+
+async def kill_9(process: ServiceProcess | None) -> None:
+    assert process is not None
+    process.signal(signal.SIGKILL)
+    await asyncio.to_thread(process.wait, 10)
 
 
 @pytest.mark.parametrize("exactly_once", [True, False], ids=["ledger", "no-ledger"])
@@ -229,24 +255,14 @@ async def test_consumer_killed_9_repeatedly_under_load(stack: Stack, exactly_onc
     kills = 4 * SCALE
     for _ in range(kills):
         await progress(load, 1500)
-        assert stack.consumer is not None
         await stack.count_consumer()
-        stack.consumer.signal(signal.SIGKILL)
-        await asyncio.to_thread(stack.consumer.wait, 10)
+        await kill_9(stack.consumer)
         await stack.start_consumer(**flag)
     await progress(load, 1500)
-    await load.stop()
-    await stack.settled(load)
-    await stack.stop()
+    # Without the ledger (the comparison) the same guarantee against loss, none against
+    # duplicates: those are counted, not asserted.
     mode = "" if exactly_once else ", EXACTLY_ONCE=false"
-    figures = Figures.count(
-        f"consumer kill -9 x{kills}, restarted{mode}", load, stack.out, stack.consumer_note()
-    )
-    if exactly_once:
-        report(figures)
-    else:  # the comparison: the same guarantee against loss, none against duplicates
-        figures.save(RESULTS)
-        assert figures.lost == 0, figures
+    await finish(stack, load, f"consumer kill -9 x{kills}, restarted{mode}", exact=exactly_once)
 
 
 async def test_api_killed_9_under_load(stack: Stack) -> None:
@@ -257,16 +273,11 @@ async def test_api_killed_9_under_load(stack: Stack) -> None:
     kills = 3 * SCALE
     for _ in range(kills):
         await progress(load, 1500)
-        assert stack.api is not None
-        stack.api.signal(signal.SIGKILL)
-        await asyncio.to_thread(stack.api.wait, 10)
+        await kill_9(stack.api)
         await stack.start_api()
     await progress(load, 1500)
-    await load.stop()
-    await stack.settled(load)
-    await stack.stop()
     note = f"{load.retries} client retries with the same Idempotency-Key"
-    report(Figures.count(f"API kill -9 x{kills}, restarted", load, stack.out, note))
+    await finish(stack, load, f"API kill -9 x{kills}, restarted", note)
 
 
 async def test_broker_lost_then_back(stack: Stack, rabbitmq_url: str) -> None:
@@ -306,27 +317,21 @@ async def test_broker_lost_then_back(stack: Stack, rabbitmq_url: str) -> None:
             await eventually(serving, timeout=10, interval=0.1, what="201 again within 10 s")
             recoveries.append(time.monotonic() - back)
         await progress(load, 1500)
-        await load.stop()
-        await stack.settled(load)
         for process in (api, consumer):  # never restarted
             assert process.proc is not None
             assert process.proc.poll() is None
-        await stack.stop()
+        note = (
+            f"slowest 503 {load.slowest_refusal:.1f} s (timeout {PUBLISH_TIMEOUT:g} s), no 500; "
+            f"201 again {max(recoveries):.1f} s after the broker returned; "
+            f"{load.retries} client retries; "
+        )
+        scenario = f"broker lost x{SCALE} (proxies cut + close_all_connections)"
+        await finish(stack, load, scenario, note)
+        assert load.statuses["500"] == 0, load.statuses
+        assert load.slowest_refusal <= PUBLISH_TIMEOUT + 1.0, load.slowest_refusal
     finally:
         await api_proxy.cut()
         await consumer_proxy.cut()
-    assert load.statuses["500"] == 0
-    assert load.slowest_refusal <= PUBLISH_TIMEOUT + 1.0, load.slowest_refusal
-    note = (
-        f"slowest 503 {load.slowest_refusal:.1f} s (timeout {PUBLISH_TIMEOUT:g} s), no 500; "
-        f"201 again {max(recoveries):.1f} s after the broker returned; "
-        f"{load.retries} client retries; {stack.consumer_note()}"
-    )
-    report(
-        Figures.count(
-            f"broker lost x{SCALE} (proxies cut + close_all_connections)", load, stack.out, note
-        )
-    )
 
 
 async def refused_while_down(stack: Stack) -> None:
@@ -386,18 +391,8 @@ async def test_output_volume_full_then_freed(stack: Stack, small_volume: Path) -
             return (await http.get(f"{stack.consumer_url}/readyz")).status_code == 200
 
         await eventually(ready, timeout=20, what="ready again once freed")
-    await load.stop()
-    await stack.settled(load)
-    await stack.stop()
-    report(
-        Figures.count(
-            "output volume full (tmpfs), then freed",
-            load,
-            stack.out,
-            f"{held} entries written while full; readiness false, then true; "
-            + stack.consumer_note(),
-        )
-    )
+    note = f"{held} entries written while full; readiness false, then true; "
+    await finish(stack, load, "output volume full (tmpfs), then freed", note)
 
 
 def fill(path: Path) -> None:
@@ -420,30 +415,12 @@ async def test_sigterm_under_load_drains_both_services(stack: Stack) -> None:
     load = Load(stack.api_url, "term")
     load.start()
     await progress(load, 1500)
-    assert stack.consumer is not None
-    started = time.monotonic()
-    stack.consumer.signal(signal.SIGTERM)
-    assert await asyncio.to_thread(stack.consumer.wait, 20) == 0, stack.consumer.log
-    consumer_drain = time.monotonic() - started
+    consumer_drain = await terminate(stack.consumer)
     assert consumer_drain < 10.5  # SHUTDOWN_TIMEOUT_SECONDS=10
     await stack.start_consumer()
     await progress(load, 1500)
-    assert stack.api is not None
-    started = time.monotonic()
-    stack.api.signal(signal.SIGTERM)
-    assert await asyncio.to_thread(stack.api.wait, 20) == 0, stack.api.log
-    api_drain = time.monotonic() - started
+    api_drain = await terminate(stack.api)
     await stack.start_api()
     await progress(load, 1500)
-    await load.stop()
-    await stack.settled(load)
-    await stack.stop()
-    report(
-        Figures.count(
-            "SIGTERM consumer, then API, under load",
-            load,
-            stack.out,
-            f"consumer drained in {consumer_drain:.1f} s, API in {api_drain:.1f} s; exit 0; "
-            + stack.consumer_note(),
-        )
-    )
+    note = f"consumer drained in {consumer_drain:.1f} s, API in {api_drain:.1f} s; exit 0; "
+    await finish(stack, load, "SIGTERM consumer, then API, under load", note)

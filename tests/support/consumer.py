@@ -67,15 +67,11 @@ def written_lines(directory: Path) -> list[dict[str, Any]]:
     ]
 
 
-class SlowSink:
-    """A sink that takes `delay` seconds before each write (the first `slow_batches` only,
-    if given): a slow disk, through the sink seam the pool already has."""
+class WrappedSink:
+    """The real sink, through the pool's sink seam; subclasses change `write`."""
 
-    def __init__(self, inner: Sink, delay: float, slow_batches: int | None = None) -> None:
+    def __init__(self, inner: Sink) -> None:
         self.inner = inner
-        self.delay = delay
-        self.slow_batches = slow_batches
-        self.calls = 0
 
     @property
     def ledger(self) -> Ledger | None:
@@ -85,9 +81,6 @@ class SlowSink:
         return self.inner.prepare()
 
     async def write(self, batch: Batch, worker: str) -> str:
-        self.calls += 1
-        if self.slow_batches is None or self.calls <= self.slow_batches:
-            await asyncio.sleep(self.delay)
         return await self.inner.write(batch, worker)
 
     async def reject(self, body: bytes, reason: str, message_id: str | None) -> str:
@@ -95,6 +88,23 @@ class SlowSink:
 
     async def check(self) -> None:
         await self.inner.check()
+
+
+class SlowSink(WrappedSink):
+    """A sink that takes `delay` seconds before each write (the first `slow_batches` only,
+    if given): a slow disk, through the sink seam the pool already has."""
+
+    def __init__(self, inner: Sink, delay: float, slow_batches: int | None = None) -> None:
+        super().__init__(inner)
+        self.delay = delay
+        self.slow_batches = slow_batches
+        self.calls = 0
+
+    async def write(self, batch: Batch, worker: str) -> str:
+        self.calls += 1
+        if self.slow_batches is None or self.calls <= self.slow_batches:
+            await asyncio.sleep(self.delay)
+        return await self.inner.write(batch, worker)
 
 
 async def lines_reach(directory: Path, count: int, timeout: float = 20) -> list[dict[str, Any]]:

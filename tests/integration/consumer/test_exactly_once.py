@@ -27,7 +27,13 @@ from services.consumer.batch import Batch
 from services.consumer.ledger import Ledger
 from services.consumer.sink import FileSink, Sink
 from tests.integration.consumer.conftest import Settings
-from tests.support.consumer import lines_reach, run_consumer, unacked, written_lines
+from tests.support.consumer import (
+    WrappedSink,
+    lines_reach,
+    run_consumer,
+    unacked,
+    written_lines,
+)
 from tests.support.polling import eventually
 from tests.support.publish import entries, publish
 from tests.support.queues import depth
@@ -36,21 +42,14 @@ from tests.support.tcp_proxy import TcpProxy
 pytestmark = pytest.mark.rabbitmq
 
 
-class CutAfterWrite:
+class CutAfterWrite(WrappedSink):
     """The real file sink; after its first write returns, the broker connection is cut
     before the pool can ack."""
 
     def __init__(self, inner: FileSink, proxy: TcpProxy) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.proxy = proxy
         self.cut = False
-
-    @property
-    def ledger(self) -> Ledger | None:
-        return self.inner.ledger
-
-    def prepare(self) -> int:
-        return self.inner.prepare()
 
     async def write(self, batch: Batch, worker: str) -> str:
         name = await self.inner.write(batch, worker)
@@ -58,12 +57,6 @@ class CutAfterWrite:
             self.cut = True
             await self.proxy.cut()
         return name
-
-    async def reject(self, body: bytes, reason: str, message_id: str | None) -> str:
-        return await self.inner.reject(body, reason, message_id)
-
-    async def check(self) -> None:
-        await self.inner.check()
 
 
 def ledger_sink(directory: Path, host: str, executor: ThreadPoolExecutor) -> FileSink:
