@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 
-from services.api.app import create_app as create_api
+from services.api.server import uvicorn_config
 from services.api.settings import ApiSettings
-from services.common.http import embedded_server
+from services.common.http import EmbeddedServer
 from services.common.runtime import tune_gc
 from services.consumer.runner import exit_now, install_signal_handlers, serve
 from services.consumer.settings import ConsumerSettings
@@ -24,8 +23,7 @@ def run(api: ApiSettings, consumer: ConsumerSettings) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        api_server = embedded_server(create_api(api), api.host, api.port, lifespan="on")
-        api_server.config.timeout_graceful_shutdown = math.ceil(api.shutdown_timeout_seconds)
+        api_server = EmbeddedServer(uvicorn_config(api))  # as `server` serves it
         api_task = asyncio.create_task(api_server.serve(), name="api")
         consumer_stop = asyncio.Event()
 

@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from services.api.app import create_app
+from services.api.connections import connection_limit, guarded_protocol
 from services.api.settings import ApiSettings
 from services.common.runtime import tune_gc
 
@@ -49,11 +51,21 @@ class Server(uvicorn.Server):
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def uvicorn_config(settings: ApiSettings) -> uvicorn.Config:
+def uvicorn_config(
+    settings: ApiSettings,
+    *,
+    app: ASGIApp | None = None,
+    host: str | None = None,
+    port: int | None = None,
+) -> uvicorn.Config:
+    """How the API is served (`app`, `host`, `port`: overrides, for tests and `dev`)."""
     return uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
+        app or create_app(settings),
+        host=settings.host if host is None else host,
+        port=settings.port if port is None else port,
+        http=guarded_protocol(
+            settings.headers_timeout_seconds, connection_limit(settings.max_connections)
+        ),
         lifespan="on",
         log_config=None,  # the CLI's logging configuration applies
         access_log=settings.access_log,

@@ -33,6 +33,25 @@ class ApiSettings(BrokerSettings):
             "gets 408 and its connection is closed."
         ),
     )
+    headers_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description=(
+            "Longest time, in seconds, for a request's headers to arrive, from the "
+            "connection's start or the previous response; a slower client's connection is "
+            "closed (an idle or trickling connection cannot hold a socket forever)."
+        ),
+    )
+    max_connections: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description=(
+            "Most open client connections; a new one past it is closed at once. 0 = the "
+            "process's open-files limit less 100, within 100..10000."
+        ),
+    )
     max_inflight_requests: int = Field(
         1000,
         ge=1,

@@ -10,6 +10,7 @@ import httpx
 import uvicorn
 
 from services.api.app import create_app
+from services.api.server import uvicorn_config
 from services.api.settings import ApiSettings
 from services.common.metrics import new_registry
 
@@ -17,14 +18,8 @@ from services.common.metrics import new_registry
 @asynccontextmanager
 async def serve_api(settings: ApiSettings) -> AsyncIterator[httpx.AsyncClient]:
     """Serve the API on a free loopback port; yield an HTTP client bound to it."""
-    config = uvicorn.Config(
-        create_app(settings, registry=new_registry(process=False)),
-        host="127.0.0.1",
-        port=0,
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-    )
+    app = create_app(settings, registry=new_registry(process=False))
+    config = uvicorn_config(settings, app=app, host="127.0.0.1", port=0)  # as served
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
