@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint unit install broker bench soak audit check-deploy clean
+.PHONY: run test lint unit install broker bench soak audit audit-deps check-deploy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +21,18 @@ broker:
 run: install broker
 	$(BIN)/async-data-processor dev
 
-## test: install, make sure RabbitMQ answers, lint and type-check, run every test
-test: install broker lint
+## test: install, make sure RabbitMQ answers, lint and type-check, audit the runtime
+## dependencies (PyPI's vulnerability data), run every test
+test: install broker lint audit-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+## audit-deps: known vulnerabilities of the runtime dependencies, from PyPI (scripts/audit_deps.py)
+audit-deps: install
+	$(BIN)/python scripts/audit_deps.py --extra operator
+
 lint: install
-	$(BIN)/ruff check services tests bench
-	$(BIN)/ruff format --check services tests bench
+	$(BIN)/ruff check services tests bench scripts
+	$(BIN)/ruff format --check services tests bench scripts
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
