@@ -334,6 +334,55 @@ async def test_broker_lost_then_back(stack: Stack, rabbitmq_url: str) -> None:
         await consumer_proxy.cut()
 
 
+async def test_broker_stalled_then_back(stack: Stack, rabbitmq_url: str) -> None:
+    """The broker stops answering but keeps the connections open (proxies forwarding
+    nothing): the API cannot tell at once, so its publishes time out — 503 within
+    PUBLISH_TIMEOUT_SECONDS, never a hang. The messages held in the stall reach the broker
+    when it answers again, after their clients were told 503 and retried with the same
+    key: the ledger writes those entries once."""
+    api_proxy, consumer_proxy = TcpProxy.to_broker(rabbitmq_url), TcpProxy.to_broker(rabbitmq_url)
+    await api_proxy.start()
+    await consumer_proxy.start()
+    stack.api_broker, stack.consumer_broker = api_proxy.url, consumer_proxy.url
+    await stack.start_api()
+    await stack.start_consumer()
+    load = Load(stack.api_url, "stall")
+    load.start()
+    recoveries: list[float] = []
+    try:
+        for _ in range(SCALE):
+            await progress(load, 1500)
+            api_proxy.pause()
+            consumer_proxy.pause()
+            timeouts = load.statuses["503"]
+
+            async def refusing(before: int = timeouts) -> bool:
+                return load.statuses["503"] > before
+
+            await eventually(refusing, timeout=PUBLISH_TIMEOUT + 3, what="503s in the stall")
+            await asyncio.sleep(2)
+            back = time.monotonic()
+            api_proxy.resume()
+            consumer_proxy.resume()
+
+            async def serving(back: float = back) -> bool:
+                return load.accepted_since(back) > 0
+
+            await eventually(serving, timeout=10, interval=0.1, what="201 again within 10 s")
+            recoveries.append(time.monotonic() - back)
+        await progress(load, 1500)
+        note = (
+            f"slowest 503 {load.slowest_refusal:.1f} s (timeout {PUBLISH_TIMEOUT:g} s), no 500; "
+            f"201 again {max(recoveries):.1f} s after it answered; {load.retries} client retries"
+        )
+        await finish(stack, load, f"broker stalled x{SCALE} (proxies forward nothing)", note)
+        assert load.statuses["500"] == 0, load.statuses
+        assert PUBLISH_TIMEOUT - 0.5 <= load.slowest_refusal <= PUBLISH_TIMEOUT + 1.0
+    finally:
+        await api_proxy.cut()
+        await consumer_proxy.cut()
+
+
 async def refused_while_down(stack: Stack) -> None:
     """A request during the outage gets a 503 with Retry-After, within the publish timeout
     plus a little; and the consumer reports itself not ready."""
