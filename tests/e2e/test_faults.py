@@ -280,15 +280,21 @@ async def test_api_killed_9_under_load(stack: Stack) -> None:
     await finish(stack, load, f"API kill -9 x{kills}, restarted", note)
 
 
+async def through_proxies(stack: Stack, rabbitmq_url: str) -> tuple[TcpProxy, TcpProxy]:
+    """The API and the consumer reach the broker each through a TCP proxy of the test's."""
+    api_proxy, consumer_proxy = TcpProxy.to_broker(rabbitmq_url), TcpProxy.to_broker(rabbitmq_url)
+    await api_proxy.start()
+    await consumer_proxy.start()
+    stack.api_broker, stack.consumer_broker = api_proxy.url, consumer_proxy.url
+    return api_proxy, consumer_proxy
+
+
 async def test_broker_lost_then_back(stack: Stack, rabbitmq_url: str) -> None:
     """Both services reach the broker through proxies the test owns; the outage cuts both
     and closes every broker connection. While it lasts the API answers 503 within its
     publish timeout (never a 500, never a hang); within 10 s of the broker's return it
     answers 201 again, and the consumer resumes, all without a restart."""
-    api_proxy, consumer_proxy = TcpProxy.to_broker(rabbitmq_url), TcpProxy.to_broker(rabbitmq_url)
-    await api_proxy.start()
-    await consumer_proxy.start()
-    stack.api_broker, stack.consumer_broker = api_proxy.url, consumer_proxy.url
+    api_proxy, consumer_proxy = await through_proxies(stack, rabbitmq_url)
     api = await stack.start_api()
     consumer = await stack.start_consumer()
     load = Load(stack.api_url, "broker")
@@ -340,10 +346,7 @@ async def test_broker_stalled_then_back(stack: Stack, rabbitmq_url: str) -> None
     PUBLISH_TIMEOUT_SECONDS, never a hang. The messages held in the stall reach the broker
     when it answers again, after their clients were told 503 and retried with the same
     key: the ledger writes those entries once."""
-    api_proxy, consumer_proxy = TcpProxy.to_broker(rabbitmq_url), TcpProxy.to_broker(rabbitmq_url)
-    await api_proxy.start()
-    await consumer_proxy.start()
-    stack.api_broker, stack.consumer_broker = api_proxy.url, consumer_proxy.url
+    api_proxy, consumer_proxy = await through_proxies(stack, rabbitmq_url)
     await stack.start_api()
     await stack.start_consumer()
     load = Load(stack.api_url, "stall")
