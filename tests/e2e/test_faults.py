@@ -35,6 +35,7 @@ from tests.support.load import Figures, Load
 from tests.support.net import free_port
 from tests.support.polling import eventually
 from tests.support.process import ServiceProcess
+from tests.support.queues import queue_counts
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq, pytest.mark.timeout(600)]
@@ -171,21 +172,9 @@ class Stack:
 
 
 async def queues_empty(topo: Topology) -> bool:
-    """Ready and unacked messages of the scenario's shard queues, by rabbitmqctl (no AMQP
-    connection of the test's own to lose)."""
-    out = await asyncio.to_thread(
-        subprocess.run,
-        ["rabbitmqctl", "-q", "list_queues", "name", "messages_ready", "messages_unacknowledged"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    names = set(topo.queue_names)
-    for line in out.stdout.splitlines():
-        name, ready, unacked = line.split("\t")
-        if name in names and (int(ready) or int(unacked)):
-            return False
-    return True
+    """No ready and no unacked message in the scenario's shard queues."""
+    counts = await queue_counts()
+    return not any(sum(counts.get(name, (0, 0))) for name in topo.queue_names)
 
 
 @pytest.fixture

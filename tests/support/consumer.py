@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from services.consumer.service import ConsumerService
 from services.consumer.settings import ConsumerSettings
 from services.consumer.sink import Sink
 from tests.support.polling import eventually
+from tests.support.queues import queue_counts
 
 
 @dataclass
@@ -119,15 +119,4 @@ async def lines_reach(directory: Path, count: int, timeout: float = 20) -> list[
 
 async def unacked(queue: str) -> int:
     """Messages delivered but not acked (rabbitmqctl; the AMQP API cannot tell)."""
-    out = await asyncio.to_thread(
-        subprocess.run,
-        ["rabbitmqctl", "-q", "list_queues", "name", "messages_unacknowledged"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    for line in out.stdout.splitlines():
-        name, _, count = line.partition("\t")
-        if name == queue:
-            return int(count)
-    return 0
+    return (await queue_counts()).get(queue, (0, 0))[1]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
 from typing import Any
 
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
@@ -34,3 +36,21 @@ async def depth(connection: AbstractConnection, queue: str) -> int:
     async with connection.channel() as channel:
         q = await channel.declare_queue(queue, passive=True)
         return q.declaration_result.message_count or 0
+
+
+async def queue_counts() -> dict[str, tuple[int, int]]:
+    """Every queue's (ready, unacked) messages, from rabbitmqctl: the AMQP API cannot tell
+    unacked ones, and this needs no connection of the test's own (which a test may lose)."""
+    out = await asyncio.to_thread(
+        subprocess.run,
+        ["rabbitmqctl", "-q", "list_queues", "name", "messages_ready", "messages_unacknowledged"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    counts = {}
+    for line in out.stdout.splitlines():
+        name, ready, unacked = line.split("\t")
+        if ready.isdigit() and unacked.isdigit():  # not the header row
+            counts[name] = (int(ready), int(unacked))
+    return counts
