@@ -11,7 +11,7 @@ import logging
 
 from services.api.server import uvicorn_config
 from services.api.settings import ApiSettings
-from services.common.http import EmbeddedServer
+from services.common.http import Server
 from services.common.runtime import tune_gc
 from services.consumer.runner import exit_now, install_signal_handlers, serve
 from services.consumer.settings import ConsumerSettings
@@ -23,7 +23,7 @@ def run(api: ApiSettings, consumer: ConsumerSettings) -> None:
     async def main() -> None:
         stop = asyncio.Event()
         install_signal_handlers(stop)
-        api_server = EmbeddedServer(uvicorn_config(api))  # as `server` serves it
+        api_server = Server(uvicorn_config(api))  # as `server` serves it
         api_task = asyncio.create_task(api_server.serve(), name="api")
         consumer_stop = asyncio.Event()
 

@@ -7,13 +7,8 @@ exits 0. A second signal forces the exit.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import signal
-import threading
-from collections.abc import Iterator
-from types import FrameType
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -21,34 +16,10 @@ from starlette.types import ASGIApp
 from services.api.app import create_app
 from services.api.connections import connection_limit, guarded_protocol
 from services.api.settings import ApiSettings
+from services.common.http import Server
 from services.common.runtime import tune_gc
 
 log = logging.getLogger(__name__)
-
-
-class Server(uvicorn.Server):
-    """uvicorn re-raises the signal after its drain, so a clean shutdown would still end as
-    "killed by SIGTERM" (exit 143). Here the handler only sets a flag: a clean drain exits 0."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _SIGNALS}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.should_exit:
-            self.force_exit = True
-        self.should_exit = True
-
-
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def uvicorn_config(
@@ -86,5 +57,5 @@ def run(settings: ApiSettings) -> None:
     config = uvicorn_config(settings)
     config.load()
     tune_gc()
-    Server(config).run()
+    Server(config, signals=True).run()
     log.info("API stopped")

@@ -7,7 +7,10 @@ becomes the contract's `{"error": ...}` document.
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from collections.abc import Callable, Iterator
+from types import FrameType
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -57,17 +60,43 @@ async def http_error(_: Request, exc: Exception) -> Response:
     )
 
 
-class EmbeddedServer(uvicorn.Server):
-    """uvicorn serving inside a process whose own supervisor owns SIGTERM/SIGINT: it
-    installs no signal handlers and stops when `should_exit` is set."""
+class Server(uvicorn.Server):
+    """The one uvicorn server of both services.
+
+    uvicorn's own handlers re-raise the signal after the drain, so a clean shutdown would
+    still end as "killed by SIGTERM" (exit 143). With `signals=True` (the API on its own)
+    the handlers only set a flag: a clean drain exits 0, a second signal forces the exit.
+    With `signals=False` (embedded in a process whose supervisor owns SIGTERM/SIGINT: the
+    consumer, `dev`) it installs none and stops when `should_exit` is set."""
+
+    def __init__(self, config: uvicorn.Config, *, signals: bool = False) -> None:
+        super().__init__(config)
+        self._signals = signals
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        yield
+        if not self._signals or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            self.force_exit = True
+        self.should_exit = True
 
 
-def embedded_server(app: ASGIApp, host: str, port: int, *, lifespan: str = "off") -> EmbeddedServer:
-    return EmbeddedServer(
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def embedded_server(app: ASGIApp, host: str, port: int, *, lifespan: str = "off") -> Server:
+    """A small server for probes and metrics, inside a process that owns its signals."""
+    return Server(
         uvicorn.Config(
             app,
             host=host,

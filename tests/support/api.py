@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
-import uvicorn
 
 from services.api.app import create_app
 from services.api.server import uvicorn_config
 from services.api.settings import ApiSettings
+from services.common.http import Server
 from services.common.metrics import new_registry
 
 
@@ -20,7 +20,7 @@ async def serve_api(settings: ApiSettings) -> AsyncIterator[httpx.AsyncClient]:
     """Serve the API on a free loopback port; yield an HTTP client bound to it."""
     app = create_app(settings, registry=new_registry(process=False))
     config = uvicorn_config(settings, app=app, host="127.0.0.1", port=0)  # as served
-    server = uvicorn.Server(config)
+    server = Server(config)
     task = asyncio.create_task(server.serve())
     try:
         for _ in range(500):
