@@ -11,60 +11,73 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
+from pydantic import SecretStr, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings
 
 from services.api.settings import ApiSettings
 from services.common.logs import configure_logging
 from services.consumer.settings import ConsumerSettings
+from services.operator.settings import OperatorSettings
 
-Flag = tuple[str, str, Callable[[str], Any], str]
-
-# (flag, settings field, type, help)
-_COMMON_FLAGS: list[Flag] = [
-    ("--rabbitmq-url", "rabbitmq_url", str, "broker URL (RABBITMQ_URL)"),
-    ("--shards-count", "shards_count", int, "number of shards (SHARDS_COUNT)"),
-    ("--queue-prefix", "queue_prefix", str, "queue name prefix (QUEUE_PREFIX)"),
-    ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR (LOG_LEVEL)"),
-]
-_SERVER_FLAGS: list[Flag] = [
-    ("--host", "host", str, "listen address (HOST)"),
-    ("--port", "port", int, "listen port (PORT)"),
-    ("--max-body-bytes", "max_body_bytes", int, "largest request body (MAX_BODY_BYTES)"),
-    (
-        "--publish-timeout-seconds",
-        "publish_timeout_seconds",
-        float,
-        "longest wait for confirms (PUBLISH_TIMEOUT_SECONDS)",
-    ),
-]
-_CONSUMER_FLAGS: list[Flag] = [
-    ("--data-output-dir", "data_output_dir", Path, "batch file directory (DATA_OUTPUT_DIR)"),
-    ("--metrics-port", "metrics_port", int, "port of /metrics and /workers (METRICS_PORT)"),
-    ("--workers-min", "workers_min", int, "workers per shard at rest (WORKERS_MIN)"),
-    ("--workers-max", "workers_max", int, "most workers per shard (WORKERS_MAX)"),
-    ("--batch-size", "batch_size", int, "entries per batch file (BATCH_SIZE)"),
-    (
-        "--batch-max-wait-seconds",
-        "batch_max_wait_seconds",
-        float,
-        "partial batch written after (BATCH_MAX_WAIT_SECONDS)",
-    ),
-    (
-        "--worker-timeout-seconds",
-        "worker_timeout_seconds",
-        float,
-        "longest time on one batch (WORKER_TIMEOUT_SECONDS)",
-    ),
-]
-_CONSUMER_ONLY = {dest for _, dest, _, _ in _CONSUMER_FLAGS}
-_SERVER_ONLY = {dest for _, dest, _, _ in _SERVER_FLAGS}
+# Flags are derived from the settings classes: each field is a flag named after it, its help
+# the field's description, variable, bounds and default, so the two cannot drift. Secrets
+# get no flag: a command line is visible to every user of the host (`ps`, /proc).
+_FLAG_TYPES: dict[object, Callable[[str], Any]] = {int: int, float: float, Path: Path}
 
 
-def _add_flags(parser: argparse.ArgumentParser, flags: list[Flag]) -> None:
-    for flag, dest, kind, help_text in flags:
-        parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+def _environment_name(model: type[BaseSettings], name: str) -> str:
+    return f"{model.model_config.get('env_prefix', '')}{name}".upper()
+
+
+def _is_secret(field: FieldInfo) -> bool:
+    return SecretStr in (field.annotation, *get_args(field.annotation))
+
+
+def _bounds(field: FieldInfo) -> str:
+    words = []
+    for item in field.metadata:
+        for attribute, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            value = getattr(item, attribute, None)
+            if value is not None:
+                words.append(f"{sign} {value}")
+    return ", ".join(words)
+
+
+def _help(model: type[BaseSettings], name: str, field: FieldInfo) -> str:
+    details = [_environment_name(model, name)]
+    choices = [arg for arg in get_args(field.annotation) if isinstance(arg, str)]
+    if get_origin(field.annotation) is Literal and choices:
+        details.append("one of " + ", ".join(choices))
+    if bounds := _bounds(field):
+        details.append(bounds)
+    if field.default not in (None, ""):
+        details.append(f"default {field.default}")
+    description = (field.description or "").replace("%", "%%")  # argparse formats help
+    return f"{description} ({'; '.join(details)})"
+
+
+def flag_fields(model: type[BaseSettings]) -> dict[str, FieldInfo]:
+    """The fields of a settings class that get a flag (every one but the secrets)."""
+    return {name: f for name, f in model.model_fields.items() if not _is_secret(f)}
+
+
+def _add_flags(parser: argparse.ArgumentParser, *models: type[BaseSettings]) -> None:
+    seen: set[str] = set()
+    for model in models:
+        for name, field in flag_fields(model).items():
+            if name in seen:  # a shared field, in both services' classes
+                continue
+            seen.add(name)
+            parser.add_argument(
+                "--" + name.replace("_", "-"),
+                dest=name,
+                type=_FLAG_TYPES.get(field.annotation, str),  # the rest pydantic parses
+                default=None,
+                help=_help(model, name, field),
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,41 +91,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the web server that exposes the API for creating messages",
         description="Run the ingestion API. Every option also reads its environment variable.",
     )
-    _add_flags(server, _SERVER_FLAGS + _COMMON_FLAGS)
+    _add_flags(server, ApiSettings)
     consumer = commands.add_parser(
         "message-consumer",
         help="run the pools of workers that consume messages and write them to files",
         description="Run the consumer. Every option also reads its environment variable.",
     )
-    _add_flags(consumer, _CONSUMER_FLAGS + _COMMON_FLAGS)
+    _add_flags(consumer, ConsumerSettings)
     dev = commands.add_parser(
         "dev",
         help="run the API and the consumer in one process (for a laptop)",
         description="Run the API and the consumer in one process. Every option also reads "
         "its environment variable.",
     )
-    _add_flags(dev, _SERVER_FLAGS + _CONSUMER_FLAGS + _COMMON_FLAGS)
+    _add_flags(dev, ApiSettings, ConsumerSettings)
     operator = commands.add_parser(
         "operator",
         help="run the kopf operator that scales consumer replicas (inside Kubernetes)",
-        description="Run the operator. Settings: WATCH_NAMESPACE, RECONCILE_INTERVAL_SECONDS, "
-        "RETRY_DELAY_SECONDS, HTTP_TIMEOUT_SECONDS, HEALTH_PORT, LOG_LEVEL.",
+        description="Run the operator. Every option also reads its environment variable.",
     )
-    operator.add_argument(
-        "--watch-namespace",
-        dest="watch_namespace",
-        default=None,
-        help="namespace to watch (WATCH_NAMESPACE; default: all)",
-    )
-    operator.add_argument("--log-level", dest="log_level", default=None, help="(LOG_LEVEL)")
+    _add_flags(operator, OperatorSettings)
     return parser
 
 
-def _settings(model: type[BaseModel], args: argparse.Namespace, skip: set[str]) -> Any:
+def _settings(model: type[BaseSettings], args: argparse.Namespace) -> Any:
+    """The settings from the environment, with the flags given on the command line."""
     overrides = {
         key: value
         for key, value in vars(args).items()
-        if key != "command" and key not in skip and value is not None
+        if key in model.model_fields and value is not None
     }
     return model(**overrides)
 
@@ -135,10 +142,8 @@ def _operator(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from services.operator.settings import OperatorSettings
-
     try:
-        settings = _settings(OperatorSettings, args, set())
+        settings = _settings(OperatorSettings, args)
     except ValidationError as exc:
         return _report(exc)
     configure_logging(settings.log_level)
@@ -154,9 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         api: ApiSettings | None = None
         consumer: ConsumerSettings | None = None
         if args.command in ("server", "dev"):
-            api = _settings(ApiSettings, args, _CONSUMER_ONLY)
+            api = _settings(ApiSettings, args)
         if args.command in ("message-consumer", "dev"):
-            consumer = _settings(ConsumerSettings, args, _SERVER_ONLY)
+            consumer = _settings(ConsumerSettings, args)
     except ValidationError as exc:
         return _report(exc)
     if api is not None and consumer is not None:

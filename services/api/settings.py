@@ -6,10 +6,10 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 
-from services.common.settings import BrokerSettings
+from services.common.settings import ServiceSettings
 
 
-class ApiSettings(BrokerSettings):
+class ApiSettings(ServiceSettings):
     host: str = Field("0.0.0.0", description="Address the API listens on.")
     port: int = Field(8080, ge=0, le=65535, description="API listen port (0 = any free port).")
     max_body_bytes: int = Field(
@@ -81,12 +81,6 @@ class ApiSettings(BrokerSettings):
             "Grouping stops adding requests to a message past this size, in bytes "
             "(one request's shard group is never split)."
         ),
-    )
-    shutdown_timeout_seconds: float = Field(
-        20.0,
-        gt=0,
-        le=300,
-        description="Longest graceful drain on SIGTERM, in seconds (keep below the pod's grace).",
     )
     access_log: bool = Field(
         False, description="Log one access line per request (off: metrics count requests)."

@@ -1,6 +1,6 @@
 """Settings both services read from the environment (12-factor).
 
-One pydantic-settings class per service derives from `BrokerSettings`; the CLI builds it
+One pydantic-settings class per service derives from `ServiceSettings`; the CLI builds it
 once at start-up and passes it down. Field descriptions are the configuration table of the
 README and the chart's values: keep the words in step.
 """
@@ -16,8 +16,9 @@ from yarl import URL
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
-class BrokerSettings(BaseSettings):
-    """Broker, topology and logging: what the API and the consumer must agree on."""
+class ServiceSettings(BaseSettings):
+    """What both services read: the broker and its topology (which they must agree on),
+    the shutdown bound and logging."""
 
     model_config = SettingsConfigDict(frozen=True, extra="ignore", validate_default=True)
 
@@ -75,6 +76,16 @@ class BrokerSettings(BaseSettings):
         gt=0,
         le=300,
         description="Longest pause, in seconds, between connection attempts (backoff cap).",
+    )
+    shutdown_timeout_seconds: float = Field(
+        20.0,
+        gt=0,
+        le=300,
+        description=(
+            "Longest drain on SIGTERM, in seconds: the API finishes the requests in flight, "
+            "the consumer writes and acks what it received (keep below the pod's 30 s grace "
+            "period)."
+        ),
     )
     log_level: LogLevel = Field("INFO", description="Log level of the process.")
 

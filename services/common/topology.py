@@ -17,7 +17,7 @@ from typing import Literal
 from aio_pika.abc import AbstractChannel, AbstractQueue
 from pamqp.common import Arguments, FieldTable
 
-from services.common.settings import BrokerSettings
+from services.common.settings import ServiceSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +29,7 @@ class Topology:
     delivery_limit: int = 20  # quorum only: deliveries before a message is dead-lettered
 
     @classmethod
-    def from_settings(cls, settings: BrokerSettings) -> Topology:
+    def from_settings(cls, settings: ServiceSettings) -> Topology:
         return cls(
             settings.queue_prefix,
             settings.shards_count,

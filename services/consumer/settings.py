@@ -7,10 +7,10 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from services.common.settings import BrokerSettings
+from services.common.settings import ServiceSettings
 
 
-class ConsumerSettings(BrokerSettings):
+class ConsumerSettings(ServiceSettings):
     data_output_dir: Path = Field(
         Path("./data_dump"), description="Directory the batch files are written to."
     )
@@ -73,15 +73,6 @@ class ConsumerSettings(BrokerSettings):
         ge=0,
         le=65535,
         description="Port of /metrics, /healthz, /readyz and /workers (0 = any free port).",
-    )
-    shutdown_timeout_seconds: float = Field(
-        20.0,
-        gt=0,
-        le=300,
-        description=(
-            "Longest drain on SIGTERM, in seconds: write and ack what was received "
-            "(keep below the pod's 30 s grace period)."
-        ),
     )
     history_log_interval_seconds: float = Field(
         60.0, ge=0, description="Seconds between worker-history tables in the log (0 = never)."

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from services.api.settings import ApiSettings
-from services.common.settings import BrokerSettings
+from services.common.settings import ServiceSettings
 from services.consumer.settings import ConsumerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,7 +117,7 @@ def _config(manifests: tuple[Manifest, ...]) -> dict[str, str]:
 
 
 def _settings(
-    cls: type[BrokerSettings], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    cls: type[ServiceSettings], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> Any:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -302,7 +302,7 @@ def test_probes_ask_real_paths_on_the_listen_port(
     scenario: str,
     kind: str,
     component: str,
-    settings: type[BrokerSettings],
+    settings: type[ServiceSettings],
     port_field: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -24,7 +24,7 @@ import yaml
 
 from services.api.settings import ApiSettings
 from services.cli import build_parser
-from services.common.settings import BrokerSettings
+from services.common.settings import ServiceSettings
 from services.consumer.settings import ConsumerSettings
 
 ROOT = Path(__file__).parents[2]
@@ -37,7 +37,7 @@ class Image:
 
     service: str
     dockerfile: str
-    settings: type[BrokerSettings]
+    settings: type[ServiceSettings]
     command: str
     port_field: str
 

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
 import pytest
+from pydantic_settings import BaseSettings
 
-from services.cli import build_parser, main
+from services.api.settings import ApiSettings
+from services.cli import _settings, build_parser, main
+from services.consumer.settings import ConsumerSettings
+from services.operator.settings import OperatorSettings
 
 
 def test_server_help_lists_its_options() -> None:
@@ -36,3 +41,47 @@ def test_unknown_command_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["nope"])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("command", "models"),
+    [
+        ("server", [ApiSettings]),
+        ("message-consumer", [ConsumerSettings]),
+        ("dev", [ApiSettings, ConsumerSettings]),
+        ("operator", [OperatorSettings]),
+    ],
+)
+def test_every_setting_has_its_flag_with_its_description(
+    command: str, models: list[type[BaseSettings]]
+) -> None:
+    """Derived, not listed: a new field gets its flag and help without touching the CLI."""
+    subcommands = next(
+        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    actions = {a.dest: a for a in subcommands.choices[command]._actions}
+    for model in models:
+        for name, field in model.model_fields.items():
+            if name == "api_tokens":  # a secret: no flag (a command line is public)
+                assert name not in actions
+                continue
+            action = actions[name]
+            assert action.option_strings == ["--" + name.replace("_", "-")]
+            assert action.help is not None
+            assert name.upper() in action.help
+            assert (field.description or "").replace("%", "%%") in action.help
+
+
+def test_a_flag_overrides_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKERS_MAX", "6")
+    monkeypatch.setenv("QUEUE_TYPE", "classic")
+    args = build_parser().parse_args(
+        ["message-consumer", "--workers-max", "7", "--queue-type", "quorum"]
+    )
+    settings = _settings(ConsumerSettings, args)
+    assert (settings.workers_max, settings.queue_type) == (7, "quorum")
+
+
+def test_a_bad_flag_value_exits_2_naming_the_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["message-consumer", "--queue-type", "mirrored"]) == 2
+    assert "invalid setting QUEUE_TYPE" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from services.api.settings import ApiSettings
-from services.common.settings import BrokerSettings
+from services.common.settings import ServiceSettings
 from services.consumer.settings import ConsumerSettings
 
 
@@ -65,11 +65,11 @@ def test_environment_and_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError):
-        BrokerSettings()
+        ServiceSettings()
 
 
 def test_password_never_in_the_shown_url() -> None:
-    settings = BrokerSettings(rabbitmq_url="amqp://user:s3cret@broker:5672/vh")
+    settings = ServiceSettings(rabbitmq_url="amqp://user:s3cret@broker:5672/vh")
     assert "s3cret" not in settings.rabbitmq_url_redacted
     assert settings.rabbitmq_url_redacted == "amqp://user:***@broker:5672/vh"
 

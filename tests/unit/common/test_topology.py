@@ -2,12 +2,12 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.settings import BrokerSettings
+from services.common.settings import ServiceSettings
 from services.common.topology import Topology
 
 
 def test_queue_per_shard_named_by_prefix() -> None:
-    topo = Topology.from_settings(BrokerSettings(shards_count=3))
+    topo = Topology.from_settings(ServiceSettings(shards_count=3))
     assert topo.queue_names == ["task_queue_0", "task_queue_1", "task_queue_2"]
     with pytest.raises(ValueError, match="outside"):
         topo.queue_name(3)
