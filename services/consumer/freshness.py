@@ -51,8 +51,9 @@ FRESHNESS_BUCKETS = (
     300.0,
     600.0,
 )
-# The in-flight set is swept (complete and stale deliveries dropped) on each scrape, and on
-# arrival whenever it has doubled since the last sweep, so it stays bounded unscraped.
+# A delivery leaves the in-flight set when the batch completing it is durable. Those whose
+# channel died (and any completed otherwise) are swept out on each scrape, and on arrival
+# whenever the set has doubled since the last sweep, so it stays bounded unscraped.
 SWEEP_MIN = 256
 
 
@@ -106,6 +107,8 @@ class Freshness:
             accepted = state.inflight.get(delivery)
             if accepted is None or count <= 0:
                 continue
+            if delivery.pending <= count:  # this batch completes it (its acks go out next)
+                del state.inflight[delivery]
             age = max(0.0, now - accepted)
             for index, bound in enumerate(FRESHNESS_BUCKETS):
                 if age <= bound:
