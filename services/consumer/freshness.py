@@ -32,16 +32,24 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from services.common.wire import ACCEPTED_HEADER, parse_accepted
 from services.consumer.batch import Batch, Delivery
 
-# Seconds: from a batch wait's worth (BATCH_MAX_WAIT_SECONDS) to a 10-minute stall; 60 is
-# the output-stale alert's default threshold, so p99 is exact there.
+# Seconds: from a batch wait's worth (BATCH_MAX_WAIT_SECONDS) to a 10-minute stall. Finer
+# from 50 ms to 2.5 s, where a healthy pipeline lives, so the quantiles PromQL interpolates
+# within a bucket stay close to the true ones; 60 is the output-stale alert's default
+# threshold, so a p99 there is exact.
 FRESHNESS_BUCKETS = (
     0.01,
     0.025,
     0.05,
+    0.075,
     0.1,
+    0.15,
+    0.2,
     0.25,
+    0.35,
     0.5,
+    0.75,
     1.0,
+    1.5,
     2.5,
     5.0,
     10.0,
