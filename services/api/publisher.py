@@ -36,7 +36,7 @@ from services.api.metrics import ApiMetrics
 from services.common.broker import CONNECTIVITY_ERRORS
 from services.common.schema import Entry, dump_entries
 from services.common.topology import Topology
-from services.common.wire import PARTS_HEADER, key_id, part_spec
+from services.common.wire import ACCEPTED_HEADER, PARTS_HEADER, accepted_ms, key_id, part_spec
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ class _Message:
     entries: int = 0
     size: int = 0
     sent: bool = False
+    # Made when its first part joins: the oldest request's acceptance (x-adp-accepted-ms).
+    accepted: int = field(default_factory=lambda: accepted_ms(time.time()))
     done: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -214,7 +216,11 @@ class GroupCommitPublisher:
             content_type="application/json",
             delivery_mode=DeliveryMode.PERSISTENT,
             message_id=uuid.uuid4().hex,
-            headers={"x-adp-entries": message.entries, PARTS_HEADER: ",".join(message.specs)},
+            headers={
+                "x-adp-entries": message.entries,
+                PARTS_HEADER: ",".join(message.specs),
+                ACCEPTED_HEADER: message.accepted,
+            },
         )
         try:
             await channel.default_exchange.publish(

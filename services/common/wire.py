@@ -14,6 +14,14 @@ The consumer records, per part id, which entries are already in batch files (the
 and writes only the others. A message without the header (the Go original's, or one
 published by hand) is one part named by its `message_id`; without a `message_id` it cannot
 be de-duplicated.
+
+Freshness: the header `x-adp-accepted-ms` holds when the message's entries were accepted —
+the API's wall clock, in integer milliseconds since the Unix epoch, taken when a request
+hands its validated entries to the publisher (so it includes the publish and the confirm).
+A message holding several requests' parts carries its oldest one's. The AMQP `timestamp`
+property would do but has one-second resolution. The consumer measures accepted-to-durable
+latency from it; a message without it (the Go original's, one published by hand) or with
+a value that is not a positive integer is not measured.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import hashlib
 from dataclasses import dataclass
 
 PARTS_HEADER = "x-adp-parts"
+ACCEPTED_HEADER = "x-adp-accepted-ms"
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
 
 
@@ -75,3 +84,20 @@ def parse_parts(header: object, message_id: str | None, total: int) -> list[Part
             if start == total:
                 return parts
     return [Part(message_id or None, 0, total)]
+
+
+def accepted_ms(now: float) -> int:
+    """The `x-adp-accepted-ms` value for `now` (seconds since the epoch, `time.time()`)."""
+    return int(now * 1000)
+
+
+def parse_accepted(header: object) -> float | None:
+    """When a received message's entries were accepted, in seconds since the epoch; None
+    when the header is missing or not a positive integer (digits as text or bytes too, for
+    a message published by hand)."""
+    if isinstance(header, bytes | str):
+        text = header.decode("ascii", "replace") if isinstance(header, bytes) else header
+        header = int(text) if text.isascii() and text.isdigit() else None
+    if isinstance(header, int) and not isinstance(header, bool) and header > 0:
+        return header / 1000
+    return None

@@ -13,6 +13,7 @@ import logging
 
 from services.common.broker import CONNECTIVITY_ERRORS
 from services.consumer.batch import Batch, Delivery
+from services.consumer.freshness import Freshness
 from services.consumer.ledger import Ledger
 from services.consumer.metrics import ConsumerMetrics
 
@@ -20,12 +21,20 @@ log = logging.getLogger(__name__)
 
 
 class Acker:
-    def __init__(self, metrics: ConsumerMetrics, ledger: Ledger | None = None) -> None:
+    def __init__(
+        self,
+        metrics: ConsumerMetrics,
+        ledger: Ledger | None = None,
+        freshness: Freshness | None = None,
+    ) -> None:
         self._metrics = metrics
         self._ledger = ledger
+        self._freshness = freshness
         self.acked = 0
 
     async def batch_written(self, batch: Batch) -> None:
+        if self._freshness is not None:
+            self._freshness.durable(batch)
         for delivery, count, _ in batch.sources:
             if delivery.written(count):
                 await self.ack(delivery)

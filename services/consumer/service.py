@@ -37,6 +37,7 @@ from services.common.topology import Topology
 from services.consumer.acker import Acker
 from services.consumer.autoscaler import Autoscaler
 from services.consumer.batch import Batcher, Delivery
+from services.consumer.freshness import Freshness
 from services.consumer.history import WorkerHistory
 from services.consumer.ledger import Ledger
 from services.consumer.metrics import ConsumerMetrics
@@ -114,7 +115,8 @@ class ConsumerService:
         self.ledger = sink.ledger
         if self.ledger is not None:
             self._count_ledger(self.ledger)
-        self.acker = Acker(self.metrics, self.ledger)
+        self.freshness = Freshness(registry, settings.shards_count)
+        self.acker = Acker(self.metrics, self.ledger, self.freshness)
         self.pools = [
             Pool(
                 shard,
@@ -303,7 +305,9 @@ class ConsumerService:
             except InvalidEntries as exc:
                 await self._reject(shard, message, str(exc))
                 return
-            batcher.add(Delivery.of(message, len(entries)), entries)
+            delivery = Delivery.of(message, len(entries))
+            self.freshness.arrived(shard, delivery)
+            batcher.add(delivery, entries)
 
         return on_message
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import subprocess
 import tomllib
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from services.consumer.settings import ConsumerSettings
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "async-data-processor"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "async-data-processor.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 CHECK_SCRIPT = ROOT / "scripts" / "check-chart.sh"
 SCENARIOS = ["default", "external-broker", "persistence-off", "three-consumers", "operator"]
 SCENARIOS += ["servicemonitor", "ingress", "api-auth"]
@@ -446,6 +448,38 @@ def test_dashboard_configmap_holds_the_file_and_the_sidecar_label() -> None:
     (config,) = [item for item in custom if item["metadata"]["name"].endswith("-dashboard")]
     assert config["metadata"]["labels"]["my_dashboards"] == "x"
     assert "grafana_dashboard" not in config["metadata"]["labels"]
+
+
+def _alerts(groups: list[Manifest]) -> dict[str, Manifest]:
+    return {rule["alert"]: rule for group in groups for rule in group["rules"]}
+
+
+def test_prometheus_rule_is_the_alerts_file_with_the_charts_threshold(tmp_path: Path) -> None:
+    """Off by default; on, it holds deploy/prometheus/alerts.yml (through a symlink) as
+    promtool checks it, with only ADPOutputStale's threshold the chart's value."""
+    assert (CHART / "rules" / "alerts.yml").resolve() == ALERTS
+    assert not _objects(_render(), "PrometheusRule")
+    source = yaml.safe_load(ALERTS.read_text())
+    (default,) = _objects(_render("--set", "metrics.prometheusRule.enabled=true"), "PrometheusRule")
+    assert default["spec"] == source  # the default threshold is the file's, 60 s
+    (rule,) = _objects(_scenario("servicemonitor"), "PrometheusRule")  # outputStaleSeconds 120
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    rendered, original = _alerts(rule["spec"]["groups"]), _alerts(source["groups"])
+    assert rendered.keys() == original.keys()
+    assert {n: r for n, r in rendered.items() if n != "ADPOutputStale"} == {
+        n: r for n, r in original.items() if n != "ADPOutputStale"
+    }
+    stale, was = rendered["ADPOutputStale"], original["ADPOutputStale"]
+    assert was["expr"].endswith(") > 60")
+    assert stale["expr"] == was["expr"][: -len("60")] + "120"
+    description = stale["annotations"]["description"]
+    assert description == was["annotations"]["description"].replace("than 60 s", "than 120 s")
+    assert "than 120 s" in description
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: run scripts/check-observability.sh (it installs it)"
+    rules = tmp_path / "rules.yml"
+    rules.write_text(yaml.safe_dump(rule["spec"]))
+    subprocess.run([promtool, "check", "rules", str(rules)], check=True, capture_output=True)
 
 
 def test_external_broker_renders_no_rabbitmq_and_reads_the_named_secret() -> None:

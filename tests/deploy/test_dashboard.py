@@ -206,6 +206,7 @@ async def test_every_dashboard_query_runs_on_prometheus_scraping_the_services(
             async with httpx.AsyncClient(base_url=prom_url, timeout=10) as prom:
                 await scraped(prom, counts["accepted"])
                 await check_every_panel_query(prom)
+                await check_freshness(prom)
                 await check_scaling_and_rules(prom)
             cons.signal()
             assert await asyncio.to_thread(cons.wait, 15) == 0, cons.log
@@ -253,6 +254,22 @@ async def check_every_panel_query(prom: httpx.AsyncClient) -> None:
     for var, metric in (("api", "adp_api_requests_total"), ("consumer", "adp_consumer_workers")):
         response = await prom.get("/api/v1/label/job/values", params={"match[]": metric})
         assert var in response.json()["data"], f"label_values({metric}, job) lacks {var}"
+
+
+async def check_freshness(prom: httpx.AsyncClient) -> None:
+    """The Freshness row on real series: every shard has a p99 accepted -> durable (the
+    traffic reached them all), and an oldest unwritten age. The backlog left before the
+    consumer started waited for its start-up, hence a bound of minutes, not seconds."""
+    p99 = await query(
+        prom,
+        "histogram_quantile(0.99, sum by (shard, le) "
+        '(rate(adp_consumer_entry_latency_seconds_bucket{job="consumer"}[1m])))',
+    )
+    values = {s["metric"]["shard"]: float(s["value"][1]) for s in p99}
+    assert sorted(values) == ["0", "1", "2", "3", "4"], values
+    assert all(0 < v < 120 for v in values.values()), values
+    ages = await query(prom, 'adp_consumer_oldest_unwritten_age_seconds{job="consumer"}')
+    assert len(ages) == 5, ages
 
 
 async def check_scaling_and_rules(prom: httpx.AsyncClient) -> None:

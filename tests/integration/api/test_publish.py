@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractConnection
 
 from services.api.settings import ApiSettings
 from services.common.topology import Topology
+from services.common.wire import ACCEPTED_HEADER, parse_accepted
 from tests.support.api import serve_api
 from tests.support.polling import eventually
 from tests.support.queues import depth, drain, drain_entries
@@ -66,8 +67,10 @@ async def test_entries_land_in_their_shard_queues_once_with_contract_properties(
     async with api(topo) as client:
         await ready(client)
         caplog.clear()
+        sent = time.time()
         with caplog.at_level("DEBUG", logger="services"):
             response = await client.post("/message", json=body)
+        answered = time.time()
         assert len(caplog.records) <= 1  # no log line per entry
     assert response.status_code == 201
     assert response.json() == body
@@ -82,6 +85,10 @@ async def test_entries_land_in_their_shard_queues_once_with_contract_properties(
             assert message.message_id
             assert message.headers["x-adp-entries"] == len(json.loads(message.body))
             assert message.headers["x-adp-parts"] == str(len(json.loads(message.body)))
+            # When the entries were accepted, in milliseconds (between send and 201).
+            accepted = message.headers[ACCEPTED_HEADER]
+            assert isinstance(accepted, int)
+            assert int(sent * 1000) <= accepted <= int(answered * 1000)
 
 
 async def test_a_retry_with_the_same_idempotency_key_carries_the_same_part_ids(
@@ -124,9 +131,11 @@ async def test_concurrent_requests_share_messages_and_none_is_lost(
     requests = 300
     async with api(topo, publish_max_message_bytes=max_message_bytes) as client:
         await ready(client)
+        sent = time.time()
         responses = await asyncio.gather(
             *(client.post("/message", json=[entry(i % 60, f"r{i}")]) for i in range(requests))
         )
+        answered = time.time()
         metrics = (await client.get("/metrics")).text
     assert Counter(r.status_code for r in responses) == {201: requests}
     messages = [m for name in topo.queue_names for m in await drain(amqp, name)]
@@ -135,6 +144,9 @@ async def test_concurrent_requests_share_messages_and_none_is_lost(
     assert len(messages) < requests  # grouped
     assert len({m.message_id for m in messages}) == len(messages)
     assert all(len(m.body) <= max_message_bytes for m in messages)
+    # Each grouped message is stamped once (its oldest request's acceptance).
+    stamps = [parse_accepted(m.headers[ACCEPTED_HEADER]) for m in messages]
+    assert all(s is not None and int(sent) <= s <= answered for s in stamps), stamps
     accepted = sum(
         float(line.rsplit(" ", 1)[1])
         for line in metrics.splitlines()

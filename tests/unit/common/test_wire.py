@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.wire import Part, key_id, parse_parts, part_spec, request_key
+from services.common.wire import (
+    Part,
+    accepted_ms,
+    key_id,
+    parse_accepted,
+    parse_parts,
+    part_spec,
+    request_key,
+)
 
 
 def test_a_retry_of_the_same_request_gets_the_same_id_another_body_another() -> None:
@@ -39,3 +47,16 @@ def test_parts_are_read_in_order_keyed_or_named_by_message_and_position() -> Non
 def test_a_missing_or_malformed_header_makes_the_message_one_part(header: object) -> None:
     assert parse_parts(header, "m1", 6) == [Part("m1", 0, 6)]
     assert parse_parts(header, None, 6) == [Part(None, 0, 6)]  # not identifiable
+
+
+def test_acceptance_is_stamped_in_milliseconds_and_read_back_in_seconds() -> None:
+    stamp = accepted_ms(1_700_000_000.1234)
+    assert stamp == 1_700_000_000_123
+    assert parse_accepted(stamp) == pytest.approx(1_700_000_000.123)
+    # Digits as text, as a hand-published message may carry them.
+    assert parse_accepted(b"1700000000123") == parse_accepted("1700000000123") == 1_700_000_000.123
+
+
+@pytest.mark.parametrize("header", [None, "", "soon", "-5", "1.5", 0, -1, True, 1.5, "١٢٣", [1]])
+def test_a_missing_or_malformed_acceptance_is_not_measured(header: object) -> None:
+    assert parse_accepted(header) is None
