@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         "operator",
         help="run the kopf operator that scales consumer replicas (inside Kubernetes)",
         description="Run the operator. Settings: WATCH_NAMESPACE, RECONCILE_INTERVAL_SECONDS, "
-        "RETRY_DELAY_SECONDS, HTTP_TIMEOUT_SECONDS, HEALTH_PORT, LOG_LEVEL.",
+        "RETRY_DELAY_SECONDS, HTTP_TIMEOUT_SECONDS, HEALTH_PORT, LOG_LEVEL; it logs in with "
+        "the pod's service account (SERVICE_ACCOUNT_DIR, KUBERNETES_SERVICE_HOST/PORT) or, "
+        "outside a cluster, KUBECONFIG.",
     )
     operator.add_argument(
         "--watch-namespace",
