@@ -30,7 +30,7 @@ CHART = ROOT / "deploy" / "helm" / "async-data-processor"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "async-data-processor.json"
 CHECK_SCRIPT = ROOT / "scripts" / "check-chart.sh"
 SCENARIOS = ["default", "external-broker", "persistence-off", "three-consumers", "operator"]
-SCENARIOS += ["servicemonitor", "ingress", "api-auth"]
+SCENARIOS += ["servicemonitor", "ingress", "api-auth", "rabbitmq-cluster"]
 APP_UID = 10001
 RABBITMQ_UID = 999
 # The fields a pod of each service reads (the union: both load the one ConfigMap).
@@ -72,8 +72,12 @@ def _render(*args: str) -> tuple[Manifest, ...]:
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
 
+# A cluster that serves the Prometheus operator's CRDs (the ServiceMonitor scenario needs it).
+WITH_SERVICEMONITORS = ("--api-versions", "monitoring.coreos.com/v1/ServiceMonitor")
+
+
 def _scenario(name: str) -> tuple[Manifest, ...]:
-    return _render("-f", str(CHART / "ci" / f"{name}-values.yaml"))
+    return _render("-f", str(CHART / "ci" / f"{name}-values.yaml"), *WITH_SERVICEMONITORS)
 
 
 def _objects(manifests: tuple[Manifest, ...], kind: str) -> list[Manifest]:
@@ -92,9 +96,9 @@ def _one(manifests: tuple[Manifest, ...], kind: str, component: str) -> Manifest
 
 
 def _pod_specs(manifests: tuple[Manifest, ...]) -> Iterator[tuple[str, Manifest]]:
-    """(name, pod spec) of every workload and bare Pod (the helm test hook)."""
+    """(name, pod spec) of every workload, hook Job and bare Pod (the helm test hook)."""
     for item in manifests:
-        if item["kind"] in {"Deployment", "StatefulSet"}:
+        if item["kind"] in {"Deployment", "StatefulSet", "Job"}:
             yield item["metadata"]["name"], item["spec"]["template"]["spec"]
         elif item["kind"] == "Pod":
             yield item["metadata"]["name"], item["spec"]
@@ -110,7 +114,7 @@ def _config(manifests: tuple[Manifest, ...]) -> dict[str, str]:
     (config,) = [
         item
         for item in _objects(manifests, "ConfigMap")
-        if not item["metadata"]["name"].endswith("-dashboard")
+        if not item["metadata"]["name"].endswith(("-dashboard", "-rabbitmq-config"))
     ]
     data: dict[str, str] = config["data"]
     return data
@@ -255,7 +259,7 @@ def test_containers_get_settings_and_the_url_from_a_secret(
     config_name = next(
         item["metadata"]["name"]
         for item in _objects(manifests, "ConfigMap")
-        if not item["metadata"]["name"].endswith("-dashboard")
+        if not item["metadata"]["name"].endswith(("-dashboard", "-rabbitmq-config"))
     )
     assert source == {"configMapRef": {"name": config_name}}
     env = {item["name"]: item for item in container["env"]}
@@ -286,7 +290,7 @@ def test_no_credential_outside_secrets(scenario: str) -> None:
         assert "amqps://" not in text
     if scenario == "default":
         (secret,) = _objects(manifests, "Secret")
-        assert set(secret["data"]) == {"username", "password", "rabbitmq-url"}
+        assert set(secret["data"]) == {"username", "password", "rabbitmq-url", "erlang-cookie"}
         assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
 
@@ -417,10 +421,12 @@ def test_security_contexts_are_hardened(scenario: str) -> None:
         assert pod["runAsNonRoot"] is True, name
         assert (pod["runAsUser"], pod["runAsGroup"], pod["fsGroup"]) == (uid, uid, uid), name
         assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, name
-        # Only the operator talks to the Kubernetes API, so only it gets a token.
-        assert spec["automountServiceAccountToken"] is name.endswith("-operator"), name
+        # Only the operator (and its uninstall hook) talk to the Kubernetes API: only they
+        # get a token.
+        talks_to_kubernetes = name.endswith(("-operator", "-operator-teardown"))
+        assert spec["automountServiceAccountToken"] is talks_to_kubernetes, name
         volumes = {item["name"]: item for item in spec.get("volumes", [])}
-        for container in spec["containers"]:
+        for container in spec["containers"] + spec.get("initContainers", []):
             context = container["securityContext"]
             assert context["allowPrivilegeEscalation"] is False, name
             assert context["readOnlyRootFilesystem"] is True, name
@@ -429,7 +435,8 @@ def test_security_contexts_are_hardened(scenario: str) -> None:
             assert context["seccompProfile"] == {"type": "RuntimeDefault"}, name
             assert "limits" in container["resources"]
             assert "requests" in container["resources"]
-            if spec.get("restartPolicy") != "Never":  # the test pod writes nothing
+            init = container in spec.get("initContainers", [])
+            if spec.get("restartPolicy") != "Never" and not init:  # those write no /tmp
                 mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
                 assert "emptyDir" in volumes[mounts["/tmp"]], name
 

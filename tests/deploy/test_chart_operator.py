@@ -12,7 +12,15 @@ import pytest
 
 from services.operator.resource import GROUP, KIND, VERSION, parse_spec
 from services.operator.settings import OperatorSettings
-from tests.deploy.test_chart import CHART, Manifest, _component, _objects, _one, _render
+from tests.deploy.test_chart import (
+    CHART,
+    Manifest,
+    _component,
+    _config,
+    _objects,
+    _one,
+    _render,
+)
 
 OPERATOR = ("-f", str(CHART / "ci" / "operator-values.yaml"), "--include-crds")
 
@@ -51,11 +59,9 @@ def test_the_resource_names_the_real_consumer_broker_and_ports() -> None:
     ref = url["valueFrom"]["secretKeyRef"]
     assert (spec.broker.secret_name, spec.broker.secret_key) == (ref["name"], ref["key"])
     assert spec.metrics_port == container["ports"][0]["containerPort"]
-    (config,) = [
-        m for m in _objects(manifests, "ConfigMap") if not m["metadata"]["name"].endswith("board")
-    ]
-    assert spec.broker.queue_prefix == config["data"]["QUEUE_PREFIX"]
-    assert str(spec.broker.shards_count) == config["data"]["SHARDS_COUNT"]
+    config = _config(manifests)
+    assert spec.broker.queue_prefix == config["QUEUE_PREFIX"]
+    assert str(spec.broker.shards_count) == config["SHARDS_COUNT"]
 
 
 def test_the_crd_rejects_an_invalid_resource() -> None:
