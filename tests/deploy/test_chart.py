@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import subprocess
 import tomllib
 from collections.abc import Iterator
@@ -528,3 +529,110 @@ def test_invalid_values_are_rejected(setting: str, message: str) -> None:
 def test_chart_passes_lint_and_kubernetes_validation() -> None:
     # A missing tool fails the script (and this test): it never skips.
     subprocess.run(["bash", str(CHECK_SCRIPT)], cwd=ROOT, check=True, timeout=280)
+
+
+# --- names -------------------------------------------------------------------------------------
+
+# Everything on: every object the chart can make, whose names are built on the full name.
+EVERYTHING = (
+    "-f",
+    str(CHART / "ci" / "rabbitmq-cluster-values.yaml"),
+    "-f",
+    str(CHART / "ci" / "operator-values.yaml"),
+    "-f",
+    str(CHART / "ci" / "servicemonitor-values.yaml"),
+    "-f",
+    str(CHART / "ci" / "ingress-values.yaml"),
+    *WITH_SERVICEMONITORS,
+)
+DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+def _render_as(release: str, *args: str) -> tuple[Manifest, ...]:
+    result = subprocess.run(
+        [_helm(), "template", release, str(CHART), "--namespace", "adp", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+@pytest.mark.parametrize(
+    ("release", "args"),
+    [
+        ("adp", ()),
+        ("adp-production-ingest-eu1-long", ()),  # 30 characters: broke the install before
+        ("a" * 43, ()),
+        ("release-name-of-the-longest-length-helm-takes-53chars", ()),
+        ("adp", ("--set", "fullnameOverride=" + "x" * 63)),
+        ("adp", ("--set", "nameOverride=" + "n" * 63)),
+    ],
+    ids=["short", "30", "43", "53", "fullname-63", "name-63"],
+)
+def test_every_name_fits_for_any_release_name(release: str, args: tuple[str, ...]) -> None:
+    manifests = _render_as(release, *EVERYTHING, *args)
+    for item in manifests:
+        name = item["metadata"]["name"]
+        assert len(name) <= 63, (item["kind"], name, len(name))
+        if item["kind"] in {"Service", "Pod", "Job", "StatefulSet", "Deployment"}:
+            assert DNS_LABEL.fullmatch(name), (item["kind"], name)
+        if item["kind"] == "StatefulSet":
+            # Its pods' controller-revision-hash label is <name>-<10 characters>: 63 at most.
+            assert len(name) <= 52, (name, len(name))
+            # Pod names (<name>-<ordinal>) are DNS labels in the nodes' host names.
+            assert len(f"{name}-{item['spec'].get('replicas', 1) - 1}") <= 63
+    names = [item["metadata"]["name"] for item in manifests]
+    assert len(names) == len({(m["kind"], m["metadata"]["name"]) for m in manifests})
+
+
+def test_short_release_names_keep_their_object_names() -> None:
+    # Existing releases are not renamed by the shorter base.
+    consumer = _one(_render(), "StatefulSet", "consumer")
+    assert consumer["metadata"]["name"] == "adp-async-data-processor-consumer"
+
+
+# --- who owns what -----------------------------------------------------------------------------
+
+
+def test_the_operator_owns_the_consumer_replicas() -> None:
+    # With the operator, it changes the count through /scale: a rendered count would fight it
+    # at every upgrade (a field conflict under Helm 4's server-side apply, a reset under Helm 3).
+    operated = _one(_scenario("operator"), "StatefulSet", "consumer")
+    assert "replicas" not in operated["spec"]
+    assert _one(_scenario("three-consumers"), "StatefulSet", "consumer")["spec"]["replicas"] == 3
+
+
+def test_servicemonitors_need_the_prometheus_operator_crds() -> None:
+    values = ("-f", str(CHART / "ci" / "servicemonitor-values.yaml"))
+    result = _template(*values)
+    assert result.returncode != 0
+    assert "needs the Prometheus operator's CRDs" in result.stderr
+    assert _objects(_render(*values, *WITH_SERVICEMONITORS), "ServiceMonitor")
+
+
+def test_notes_use_the_token_when_auth_is_on_and_say_what_was_deployed() -> None:
+    def notes(*args: str) -> str:
+        result = subprocess.run(
+            [_helm(), "install", "adp", str(CHART), "-n", "adp", "--dry-run=client", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return result.stdout.split("NOTES:", 1)[1]
+
+    auth = notes("-f", str(CHART / "ci" / "api-auth-values.yaml"))
+    (curl,) = [line for line in auth.splitlines() if "curl -si" in line]
+    assert '-H "Authorization: Bearer $TOKEN"' in curl
+    assert "secret adp-api-tokens -o jsonpath='{.data.tokens}'" in auth
+    assert "one RabbitMQ 4." in auth
+    open_api = notes()
+    assert "Authorization" not in open_api
+    cluster = notes("-f", str(CHART / "ci" / "rabbitmq-cluster-values.yaml"))
+    assert "cluster of 3 nodes (quorum queues" in cluster
+    assert "5 quorum shard queues" in cluster
+    external = notes("-f", str(CHART / "ci" / "external-broker-values.yaml"))
+    assert "broker: yours" in external

@@ -36,7 +36,7 @@ async def test_backlog_from_the_first_node_of_a_list_that_answers(
     # The services' RABBITMQ_URL of a cluster: nodes comma-separated, the first one down.
     nodes = f"amqp://guest:guest@127.0.0.1:1/, {rabbitmq_url}"
     assert await RabbitBacklog(timeout=2).backlog(nodes, topo) == [2, 1]
-    with pytest.raises(ObserveError, match="node 0: .*node 1: "):
+    with pytest.raises(ObserveError, match=r"node 0: .*node 1: "):
         await RabbitBacklog(timeout=2).backlog(
             "amqp://guest:guest@127.0.0.1:1/,amqp://guest:guest@127.0.0.1:2/", topo
         )
