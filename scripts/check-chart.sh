@@ -33,7 +33,8 @@ for values in "$chart"/ci/*-values.yaml; do
   name=$(basename "$values" .yaml)
   rendered=$scratch/$name.yaml
   if check "helm template -f ${values#"$chart"/}" "$helm" template adp "$chart" \
-    --namespace adp --include-crds -f "$values" --output-dir "$scratch/$name"; then
+    --namespace adp --include-crds -f "$values" --output-dir "$scratch/$name" \
+    --api-versions monitoring.coreos.com/v1/ServiceMonitor; then
     find "$scratch/$name" -name '*.yaml' -print0 | sort -z | xargs -0 cat >"$rendered"
     for version in "${versions[@]}"; do
       # --quiet: only warnings (the skipped custom resources) and failures are printed.

@@ -2,7 +2,7 @@
 # Lint and validate the deployment files with the real tools; no Docker engine needed.
 #   Dockerfile.api, Dockerfile.consumer  hadolint (warnings fail)
 #   docker-compose.yml                   the compose-spec JSON schema, and docker-compose's
-#                                        own parser (`config -q`)
+#                                        own parser (`config -q`, also with `--profile ha`)
 #   deploy/prometheus/prometheus.yml     promtool check config (with the rule files it loads)
 # Prints one line per check; exits 1 if any failed. Run from anywhere: it works in the
 # repository root. Installs docker-compose and promtool (Debian packages) when missing.
@@ -40,6 +40,9 @@ check "compose-spec schema docker-compose.yml" \
 : >"$scratch/empty.env"
 check "docker-compose config docker-compose.yml" \
   docker-compose --env-file "$scratch/empty.env" -f docker-compose.yml config -q
+# The three-node profile (`docker compose --profile ha up`), merged as Compose merges it.
+check "docker-compose --profile ha config docker-compose.yml" \
+  docker-compose --env-file "$scratch/empty.env" -f docker-compose.yml --profile ha config -q
 
 # --- Prometheus ------------------------------------------------------------------------------
 # The config names its rule files by their paths in the container (/etc/prometheus/...,

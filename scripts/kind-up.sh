@@ -27,8 +27,11 @@ done
 kubectl -n "$namespace" rollout status "statefulset/$release-async-data-processor-rabbitmq" --timeout 180s
 kubectl -n "$namespace" rollout status "deployment/$release-async-data-processor-api" --timeout 120s
 kubectl -n "$namespace" rollout status "statefulset/$release-async-data-processor-consumer" --timeout 120s
+# The release's workload pods only: not a `helm test` pod (component "test") left failed by
+# an earlier run, which would never be Ready.
 kubectl -n "$namespace" wait pod --for=condition=Ready \
-  -l "app.kubernetes.io/instance=$release" --timeout 120s
+  -l "app.kubernetes.io/instance=$release,app.kubernetes.io/component in (api,consumer,rabbitmq,operator)" \
+  --timeout 120s
 "$helm" test "$release" --namespace "$namespace"
 
 echo "API on http://localhost:8080 (Ctrl+C to stop), e.g.:"

@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     operator = commands.add_parser(
         "operator",
         help="run the kopf operator that scales consumer replicas (inside Kubernetes)",
-        description="Run the operator. Every option also reads its environment variable.",
+        description="Run the operator. Every option also reads its environment variable. It "
+        "logs in with the pod's service account (SERVICE_ACCOUNT_DIR, KUBERNETES_SERVICE_HOST/"
+        "PORT) or, outside a cluster, KUBECONFIG.",
     )
     _add_flags(operator, OperatorSettings)
     return parser

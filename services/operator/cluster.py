@@ -1,25 +1,24 @@
 """The small seam between the operator and Kubernetes, and its in-cluster implementation.
 
 Tests hand the reconciler a recorder instead (no API server runs where this is built);
-the real one speaks the Kubernetes REST API with the pod's service-account token, asking
-only for what the chart's RBAC grants: the workload's scale subresource, pods (list,
-patch), one Secret, events.
+the real one speaks the Kubernetes REST API with the credentials `login.find` found (the
+pod's service-account token, read again for every request since it rotates), asking only
+for what the chart's RBAC grants: the workload's scale subresource, pods (list, patch),
+one Secret, events.
 """
 
 from __future__ import annotations
 
 import base64
-import ssl
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
 
-SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-API = "https://kubernetes.default.svc"
+from services.operator.login import Credentials
+
 _WORKLOADS = {"Deployment": "deployments", "StatefulSet": "statefulsets"}
 
 
@@ -68,22 +67,26 @@ class Cluster(Protocol):
 
 
 class KubernetesCluster:
-    """In-cluster REST client (token and CA of the pod's service account)."""
+    """REST client of the Kubernetes API, authenticated per request with `credentials`
+    (a service-account token file is read again each time: it rotates)."""
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(self, session: aiohttp.ClientSession, credentials: Credentials) -> None:
         self._session = session
+        self._credentials = credentials
 
     @classmethod
-    def in_cluster(cls, timeout: float = 10.0) -> KubernetesCluster:
-        token = (SERVICE_ACCOUNT / "token").read_text().strip()
-        context = ssl.create_default_context(cafile=str(SERVICE_ACCOUNT / "ca.crt"))
+    def connect(cls, credentials: Credentials, timeout: float = 10.0) -> KubernetesCluster:
+        connector = (
+            aiohttp.TCPConnector(ssl=credentials.ssl_context())
+            if credentials.server.startswith("https:")
+            else aiohttp.TCPConnector()
+        )
         session = aiohttp.ClientSession(
-            base_url=API,
-            headers={"Authorization": f"Bearer {token}"},
-            connector=aiohttp.TCPConnector(ssl=context),
+            base_url=credentials.server,
+            connector=connector,
             timeout=aiohttp.ClientTimeout(total=timeout),
         )
-        return cls(session)
+        return cls(session, credentials)
 
     async def close(self) -> None:
         await self._session.close()
@@ -149,6 +152,10 @@ class KubernetesCluster:
 
     async def _call(self, method: str, path: str, body: Any = None) -> Any:
         headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else {}
+        try:
+            headers.update(self._credentials.headers())
+        except OSError as exc:
+            raise ClusterError(f"cannot read the service-account token: {exc}") from exc
         try:
             async with self._session.request(method, path, json=body, headers=headers) as r:
                 if r.status >= 400:

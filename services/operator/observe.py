@@ -46,16 +46,28 @@ class RabbitBacklog:
         self._timeout = timeout
 
     async def backlog(self, url: str, topology: Topology) -> list[int]:
-        try:
-            connection = await aio_pika.connect(url, timeout=self._timeout)
-            async with connection, connection.channel() as channel:
-                counts = []
-                for name in topology.queue_names:
-                    queue = await channel.declare_queue(name, passive=True)
-                    counts.append(queue.declaration_result.message_count or 0)
-                return counts
-        except CONNECTIVITY_ERRORS as exc:
-            raise ObserveError(f"broker: {exc or type(exc).__name__}") from exc
+        """`url` may list a cluster's nodes comma-separated (the services' RABBITMQ_URL):
+        the first that answers is read (any node sees every queue's count)."""
+        failures = []
+        for node, node_url in enumerate(_nodes(url)):
+            try:
+                return await self._read(node_url, topology)
+            except CONNECTIVITY_ERRORS as exc:
+                failures.append(f"node {node}: {exc or type(exc).__name__}")
+        raise ObserveError(f"broker: {'; '.join(failures) or 'no URL'}")
+
+    async def _read(self, url: str, topology: Topology) -> list[int]:
+        connection = await aio_pika.connect(url, timeout=self._timeout)
+        async with connection, connection.channel() as channel:
+            counts = []
+            for name in topology.queue_names:
+                queue = await channel.declare_queue(name, passive=True)
+                counts.append(queue.declaration_result.message_count or 0)
+            return counts
+
+
+def _nodes(url: str) -> list[str]:
+    return [part.strip() for part in url.split(",") if part.strip()]
 
 
 class HttpPools:

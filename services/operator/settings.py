@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -31,3 +33,22 @@ class OperatorSettings(BaseSettings):
         8081, ge=1, le=65535, description="Port of the liveness endpoint /healthz."
     )
     log_level: LogLevel = Field("INFO", description="Log level of the process.")
+    # How it logs in to Kubernetes (services/operator/login.py). Kubernetes sets the two
+    # KUBERNETES_SERVICE_* variables in every pod; outside a cluster, KUBECONFIG is used.
+    service_account_dir: Path = Field(
+        Path("/var/run/secrets/kubernetes.io/serviceaccount"),
+        description="Directory of the pod's service-account token, ca.crt and namespace "
+        "(re-read: projected tokens rotate).",
+    )
+    kubernetes_service_host: str = Field(
+        "",
+        max_length=253,
+        description="Host of the Kubernetes API inside a cluster (set by Kubernetes in every "
+        "pod); empty: outside a cluster, log in with KUBECONFIG.",
+    )
+    kubernetes_service_port: int = Field(
+        443,
+        ge=1,
+        le=65535,
+        description="Port of the Kubernetes API inside a cluster (set by Kubernetes).",
+    )

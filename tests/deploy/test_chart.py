@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 import subprocess
 import tomllib
@@ -32,7 +33,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "async-data-processor.j
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 CHECK_SCRIPT = ROOT / "scripts" / "check-chart.sh"
 SCENARIOS = ["default", "external-broker", "persistence-off", "three-consumers", "operator"]
-SCENARIOS += ["servicemonitor", "ingress", "api-auth"]
+SCENARIOS += ["servicemonitor", "ingress", "api-auth", "rabbitmq-cluster"]
 APP_UID = 10001
 RABBITMQ_UID = 999
 # The fields a pod of each service reads (the union: both load the one ConfigMap).
@@ -74,8 +75,12 @@ def _render(*args: str) -> tuple[Manifest, ...]:
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
 
+# A cluster that serves the Prometheus operator's CRDs (the ServiceMonitor scenario needs it).
+WITH_SERVICEMONITORS = ("--api-versions", "monitoring.coreos.com/v1/ServiceMonitor")
+
+
 def _scenario(name: str) -> tuple[Manifest, ...]:
-    return _render("-f", str(CHART / "ci" / f"{name}-values.yaml"))
+    return _render("-f", str(CHART / "ci" / f"{name}-values.yaml"), *WITH_SERVICEMONITORS)
 
 
 def _objects(manifests: tuple[Manifest, ...], kind: str) -> list[Manifest]:
@@ -94,9 +99,9 @@ def _one(manifests: tuple[Manifest, ...], kind: str, component: str) -> Manifest
 
 
 def _pod_specs(manifests: tuple[Manifest, ...]) -> Iterator[tuple[str, Manifest]]:
-    """(name, pod spec) of every workload and bare Pod (the helm test hook)."""
+    """(name, pod spec) of every workload, hook Job and bare Pod (the helm test hook)."""
     for item in manifests:
-        if item["kind"] in {"Deployment", "StatefulSet"}:
+        if item["kind"] in {"Deployment", "StatefulSet", "Job"}:
             yield item["metadata"]["name"], item["spec"]["template"]["spec"]
         elif item["kind"] == "Pod":
             yield item["metadata"]["name"], item["spec"]
@@ -112,7 +117,7 @@ def _config(manifests: tuple[Manifest, ...]) -> dict[str, str]:
     (config,) = [
         item
         for item in _objects(manifests, "ConfigMap")
-        if not item["metadata"]["name"].endswith("-dashboard")
+        if not item["metadata"]["name"].endswith(("-dashboard", "-rabbitmq-config"))
     ]
     data: dict[str, str] = config["data"]
     return data
@@ -257,7 +262,7 @@ def test_containers_get_settings_and_the_url_from_a_secret(
     config_name = next(
         item["metadata"]["name"]
         for item in _objects(manifests, "ConfigMap")
-        if not item["metadata"]["name"].endswith("-dashboard")
+        if not item["metadata"]["name"].endswith(("-dashboard", "-rabbitmq-config"))
     )
     assert source == {"configMapRef": {"name": config_name}}
     env = {item["name"]: item for item in container["env"]}
@@ -288,7 +293,7 @@ def test_no_credential_outside_secrets(scenario: str) -> None:
         assert "amqps://" not in text
     if scenario == "default":
         (secret,) = _objects(manifests, "Secret")
-        assert set(secret["data"]) == {"username", "password", "rabbitmq-url"}
+        assert set(secret["data"]) == {"username", "password", "rabbitmq-url", "erlang-cookie"}
         assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
 
@@ -419,10 +424,12 @@ def test_security_contexts_are_hardened(scenario: str) -> None:
         assert pod["runAsNonRoot"] is True, name
         assert (pod["runAsUser"], pod["runAsGroup"], pod["fsGroup"]) == (uid, uid, uid), name
         assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, name
-        # Only the operator talks to the Kubernetes API, so only it gets a token.
-        assert spec["automountServiceAccountToken"] is name.endswith("-operator"), name
+        # Only the operator (and its uninstall hook) talk to the Kubernetes API: only they
+        # get a token.
+        talks_to_kubernetes = name.endswith(("-operator", "-operator-teardown"))
+        assert spec["automountServiceAccountToken"] is talks_to_kubernetes, name
         volumes = {item["name"]: item for item in spec.get("volumes", [])}
-        for container in spec["containers"]:
+        for container in spec["containers"] + spec.get("initContainers", []):
             context = container["securityContext"]
             assert context["allowPrivilegeEscalation"] is False, name
             assert context["readOnlyRootFilesystem"] is True, name
@@ -431,7 +438,8 @@ def test_security_contexts_are_hardened(scenario: str) -> None:
             assert context["seccompProfile"] == {"type": "RuntimeDefault"}, name
             assert "limits" in container["resources"]
             assert "requests" in container["resources"]
-            if spec.get("restartPolicy") != "Never":  # the test pod writes nothing
+            init = container in spec.get("initContainers", [])
+            if spec.get("restartPolicy") != "Never" and not init:  # those write no /tmp
                 mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
                 assert "emptyDir" in volumes[mounts["/tmp"]], name
 
@@ -555,3 +563,110 @@ def test_invalid_values_are_rejected(setting: str, message: str) -> None:
 def test_chart_passes_lint_and_kubernetes_validation() -> None:
     # A missing tool fails the script (and this test): it never skips.
     subprocess.run(["bash", str(CHECK_SCRIPT)], cwd=ROOT, check=True, timeout=280)
+
+
+# --- names -------------------------------------------------------------------------------------
+
+# Everything on: every object the chart can make, whose names are built on the full name.
+EVERYTHING = (
+    "-f",
+    str(CHART / "ci" / "rabbitmq-cluster-values.yaml"),
+    "-f",
+    str(CHART / "ci" / "operator-values.yaml"),
+    "-f",
+    str(CHART / "ci" / "servicemonitor-values.yaml"),
+    "-f",
+    str(CHART / "ci" / "ingress-values.yaml"),
+    *WITH_SERVICEMONITORS,
+)
+DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+def _render_as(release: str, *args: str) -> tuple[Manifest, ...]:
+    result = subprocess.run(
+        [_helm(), "template", release, str(CHART), "--namespace", "adp", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+@pytest.mark.parametrize(
+    ("release", "args"),
+    [
+        ("adp", ()),
+        ("adp-production-ingest-eu1-long", ()),  # 30 characters: broke the install before
+        ("a" * 43, ()),
+        ("release-name-of-the-longest-length-helm-takes-53chars", ()),
+        ("adp", ("--set", "fullnameOverride=" + "x" * 63)),
+        ("adp", ("--set", "nameOverride=" + "n" * 63)),
+    ],
+    ids=["short", "30", "43", "53", "fullname-63", "name-63"],
+)
+def test_every_name_fits_for_any_release_name(release: str, args: tuple[str, ...]) -> None:
+    manifests = _render_as(release, *EVERYTHING, *args)
+    for item in manifests:
+        name = item["metadata"]["name"]
+        assert len(name) <= 63, (item["kind"], name, len(name))
+        if item["kind"] in {"Service", "Pod", "Job", "StatefulSet", "Deployment"}:
+            assert DNS_LABEL.fullmatch(name), (item["kind"], name)
+        if item["kind"] == "StatefulSet":
+            # Its pods' controller-revision-hash label is <name>-<10 characters>: 63 at most.
+            assert len(name) <= 52, (name, len(name))
+            # Pod names (<name>-<ordinal>) are DNS labels in the nodes' host names.
+            assert len(f"{name}-{item['spec'].get('replicas', 1) - 1}") <= 63
+    names = [item["metadata"]["name"] for item in manifests]
+    assert len(names) == len({(m["kind"], m["metadata"]["name"]) for m in manifests})
+
+
+def test_short_release_names_keep_their_object_names() -> None:
+    # Existing releases are not renamed by the shorter base.
+    consumer = _one(_render(), "StatefulSet", "consumer")
+    assert consumer["metadata"]["name"] == "adp-async-data-processor-consumer"
+
+
+# --- who owns what -----------------------------------------------------------------------------
+
+
+def test_the_operator_owns_the_consumer_replicas() -> None:
+    # With the operator, it changes the count through /scale: a rendered count would fight it
+    # at every upgrade (a field conflict under Helm 4's server-side apply, a reset under Helm 3).
+    operated = _one(_scenario("operator"), "StatefulSet", "consumer")
+    assert "replicas" not in operated["spec"]
+    assert _one(_scenario("three-consumers"), "StatefulSet", "consumer")["spec"]["replicas"] == 3
+
+
+def test_servicemonitors_need_the_prometheus_operator_crds() -> None:
+    values = ("-f", str(CHART / "ci" / "servicemonitor-values.yaml"))
+    result = _template(*values)
+    assert result.returncode != 0
+    assert "needs the Prometheus operator's CRDs" in result.stderr
+    assert _objects(_render(*values, *WITH_SERVICEMONITORS), "ServiceMonitor")
+
+
+def test_notes_use_the_token_when_auth_is_on_and_say_what_was_deployed() -> None:
+    def notes(*args: str) -> str:
+        result = subprocess.run(
+            [_helm(), "install", "adp", str(CHART), "-n", "adp", "--dry-run=client", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return result.stdout.split("NOTES:", 1)[1]
+
+    auth = notes("-f", str(CHART / "ci" / "api-auth-values.yaml"))
+    (curl,) = [line for line in auth.splitlines() if "curl -si" in line]
+    assert '-H "Authorization: Bearer $TOKEN"' in curl
+    assert "secret adp-api-tokens -o jsonpath='{.data.tokens}'" in auth
+    assert "one RabbitMQ 4." in auth
+    open_api = notes()
+    assert "Authorization" not in open_api
+    cluster = notes("-f", str(CHART / "ci" / "rabbitmq-cluster-values.yaml"))
+    assert "cluster of 3 nodes (quorum queues" in cluster
+    assert "5 quorum shard queues" in cluster
+    external = notes("-f", str(CHART / "ci" / "external-broker-values.yaml"))
+    assert "broker: yours" in external

@@ -12,7 +12,15 @@ import pytest
 
 from services.operator.resource import GROUP, KIND, VERSION, parse_spec
 from services.operator.settings import OperatorSettings
-from tests.deploy.test_chart import CHART, Manifest, _component, _objects, _one, _render
+from tests.deploy.test_chart import (
+    CHART,
+    Manifest,
+    _component,
+    _config,
+    _objects,
+    _one,
+    _render,
+)
 
 OPERATOR = ("-f", str(CHART / "ci" / "operator-values.yaml"), "--include-crds")
 
@@ -51,11 +59,9 @@ def test_the_resource_names_the_real_consumer_broker_and_ports() -> None:
     ref = url["valueFrom"]["secretKeyRef"]
     assert (spec.broker.secret_name, spec.broker.secret_key) == (ref["name"], ref["key"])
     assert spec.metrics_port == container["ports"][0]["containerPort"]
-    (config,) = [
-        m for m in _objects(manifests, "ConfigMap") if not m["metadata"]["name"].endswith("board")
-    ]
-    assert spec.broker.queue_prefix == config["data"]["QUEUE_PREFIX"]
-    assert str(spec.broker.shards_count) == config["data"]["SHARDS_COUNT"]
+    config = _config(manifests)
+    assert spec.broker.queue_prefix == config["QUEUE_PREFIX"]
+    assert str(spec.broker.shards_count) == config["SHARDS_COUNT"]
 
 
 def test_the_crd_rejects_an_invalid_resource() -> None:
@@ -117,3 +123,52 @@ def test_operator_deployment_runs_the_command_with_real_settings() -> None:
         == _one(manifests, "ServiceAccount", "operator")["metadata"]["name"]
     )
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def _hook(manifests: tuple[Manifest, ...], kind: str) -> Manifest:
+    return _one(manifests, kind, "operator-teardown")
+
+
+def test_uninstall_releases_the_resource_while_the_operator_still_runs() -> None:
+    """kopf keeps a finalizer on the resource; Helm deletes the operator with it, so a
+    pre-delete hook deletes the resource first and waits for the operator to let it go."""
+    manifests = _render(*OPERATOR)
+    job = _hook(manifests, "Job")
+    for kind in ("ServiceAccount", "Role", "RoleBinding", "Job"):
+        annotations = _hook(manifests, kind)["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "pre-delete", kind
+        assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"], kind
+    # Its RBAC exists before the Job runs, and covers exactly the release's resource.
+    weight = int(job["metadata"]["annotations"]["helm.sh/hook-weight"])
+    for kind in ("ServiceAccount", "Role", "RoleBinding"):
+        assert (
+            int(_hook(manifests, kind)["metadata"]["annotations"]["helm.sh/hook-weight"]) < weight
+        )
+    resource = _autoscaler(manifests)
+    role = _hook(manifests, "Role")
+    (rule,) = role["rules"]
+    assert rule == {
+        "apiGroups": [GROUP],
+        "resources": ["consumerautoscalers"],
+        "resourceNames": [resource["metadata"]["name"]],
+        "verbs": ["get", "delete", "patch"],
+    }
+    binding = _hook(manifests, "RoleBinding")
+    account = _hook(manifests, "ServiceAccount")
+    pod = job["spec"]["template"]["spec"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert pod["automountServiceAccountToken"] is True
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["TARGET"] == (
+        f"/apis/{GROUP}/{VERSION}/namespaces/adp/consumerautoscalers/{resource['metadata']['name']}"
+    )
+    # It gives up waiting (and removes the finalizer itself) before the Job's deadline.
+    assert int(env["TIMEOUT_SECONDS"]) < job["spec"]["activeDeadlineSeconds"]
+    script = container["command"][-1]
+    compile(script, "teardown", "exec")  # valid Python for the image's interpreter
+    assert '"finalizers": None' in script
+    # The operator's own Deployment is no hook: it still runs when the hook does.
+    assert "annotations" not in _one(manifests, "Deployment", "operator")["metadata"]

@@ -47,6 +47,16 @@ CONSUMER = Image(
     "consumer", "Dockerfile.consumer", ConsumerSettings, "message-consumer", "metrics_port"
 )
 IMAGES = [pytest.param(API, id="api"), pytest.param(CONSUMER, id="consumer")]
+# `docker compose --profile ha up`: a three-node cluster and the services on quorum queues.
+API_HA = Image("api-ha", "Dockerfile.api", ApiSettings, "server", "port")
+CONSUMER_HA = Image(
+    "consumer-ha", "Dockerfile.consumer", ConsumerSettings, "message-consumer", "metrics_port"
+)
+HA_IMAGES = [pytest.param(API_HA, id="api-ha"), pytest.param(CONSUMER_HA, id="consumer-ha")]
+NODES = ["rabbitmq-1", "rabbitmq-2", "rabbitmq-3"]
+DEFAULT_STACK = {"rabbitmq", "api", "consumer", "prometheus", "grafana"}
+HA_PROFILE = {*NODES, "api-ha", "consumer-ha"}
+HA_CONF = ROOT / "deploy" / "rabbitmq" / "ha.conf"
 
 
 # --- reading the files -----------------------------------------------------------------------
@@ -190,7 +200,7 @@ def _seconds(duration: str) -> float:
 
 def test_compose_file_follows_the_compose_spec_without_version_key() -> None:
     assert "version" not in _compose()
-    assert set(_compose()["services"]) == {"rabbitmq", "api", "consumer", "prometheus", "grafana"}
+    assert set(_compose()["services"]) == DEFAULT_STACK | HA_PROFILE
 
 
 @pytest.mark.parametrize("image", IMAGES)
@@ -313,6 +323,114 @@ def test_service_waits_for_a_healthy_broker_on_a_read_only_root(image: Image) ->
 def test_consumer_grace_period_covers_its_drain(monkeypatch: pytest.MonkeyPatch) -> None:
     drain = _settings(CONSUMER, monkeypatch).shutdown_timeout_seconds
     assert _seconds(_service("consumer")["stop_grace_period"]) > drain
+
+
+# --- the `ha` profile ------------------------------------------------------------------------
+
+
+def _conf(path: Path) -> dict[str, str]:
+    """rabbitmq.conf (sysctl format) as key -> value."""
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return {key.strip(): value.strip() for key, value in (line.split("=", 1) for line in lines)}
+
+
+def _urls(image: Image) -> list[str]:
+    return _environment(image.service)["RABBITMQ_URL"].split(",")
+
+
+def test_the_ha_profile_is_optional() -> None:
+    for name in HA_PROFILE:
+        assert _service(name)["profiles"] == ["ha"], name
+    for name in DEFAULT_STACK:
+        assert "profiles" not in _service(name), f"{name} would not start without a profile"
+
+
+@pytest.mark.parametrize("image", HA_IMAGES)
+def test_ha_services_run_on_quorum_queues_with_settings_that_validate(
+    image: Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = _environment(image.service)
+    fields = {name.upper() for name in image.settings.model_fields}
+    assert set(env) <= fields, sorted(set(env) - fields)
+    assert env["QUEUE_TYPE"] == "quorum"
+    # Each node's URL is a valid RABBITMQ_URL; the list is the services' cluster contract.
+    for url in _urls(image):
+        for key, value in {**_app_env(image.dockerfile), **env, "RABBITMQ_URL": url}.items():
+            monkeypatch.setenv(key, value)
+        settings = image.settings()
+        for name, value in env.items():
+            if name != "RABBITMQ_URL":
+                assert str(getattr(settings, name.lower())) == value, name
+    # The same image and command as the one-node stack's service.
+    twin = _service(image.service.removesuffix("-ha"))
+    assert _service(image.service)["build"] == twin["build"]
+    assert not {"command", "entrypoint"} & set(_service(image.service))
+    assert _service(image.service)["read_only"] is True
+    assert _service(image.service)["tmpfs"] == ["/tmp"]
+
+
+def test_ha_services_agree_and_reach_every_node() -> None:
+    api, consumer = _environment("api-ha"), _environment("consumer-ha")
+    for key in ("RABBITMQ_URL", "QUEUE_TYPE", "SHARDS_COUNT"):
+        assert api[key] == consumer[key], key
+    hosts = [re.match(r"amqp://[^@/]*@([^:/]+):(\d+)/$", url) for url in _urls(API_HA)]
+    assert all(hosts), _urls(API_HA)
+    assert [match.group(1) for match in hosts if match] == NODES
+    assert {int(match.group(2)) for match in hosts if match} == {5672}
+    for service in ("api-ha", "consumer-ha"):
+        assert _service(service)["depends_on"] == {
+            node: {"condition": "service_healthy"} for node in NODES
+        }
+
+
+def test_ha_nodes_form_one_cluster() -> None:
+    conf = _conf(HA_CONF)
+    assert conf["cluster_formation.peer_discovery_backend"] == "classic_config"
+    listed = [conf[f"cluster_formation.classic_config.nodes.{i}"] for i in (1, 2, 3)]
+    # RabbitMQ names a node rabbit@<host name>: the listed names are the containers'.
+    assert listed == [f"rabbit@{_service(node)['hostname']}" for node in NODES]
+    assert conf["cluster_partition_handling"] == "pause_minority"
+    cookies = set()
+    for node in NODES:
+        service = _service(node)
+        assert service["image"] == _service("rabbitmq")["image"]
+        assert _volumes(node)["/etc/rabbitmq/conf.d/20-ha.conf"] == "./deploy/rabbitmq/ha.conf"
+        assert _volumes(node)["/var/lib/rabbitmq"] == f"{node}-data"
+        assert f"{node}-data" in _compose()["volumes"]
+        cookies.add(_environment(node)["ADP_ERLANG_COOKIE"])
+        script = service["command"][-1]
+        assert "umask 077" in script  # Erlang refuses a cookie others can read
+        assert '"$$ADP_ERLANG_COOKIE" > /var/lib/rabbitmq/.erlang.cookie' in script
+        assert script.rstrip().endswith("exec docker-entrypoint.sh rabbitmq-server")
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD-SHELL"
+        assert "check_running" in test[1]
+    assert len(cookies) == 1
+    # The first node forms the cluster; the others start once it serves, and join it.
+    assert "depends_on" not in _service("rabbitmq-1")
+    for node in NODES[1:]:
+        assert _service(node)["depends_on"] == {"rabbitmq-1": {"condition": "service_healthy"}}
+
+
+def test_ha_memory_alarm_is_absolute_from_the_container_limit() -> None:
+    conf = _conf(HA_CONF)
+    for node in NODES:
+        assert _service(node)["mem_limit"] == "1g"
+    limit = 1024**3
+    assert int(conf["total_memory_available_override_value"]) == limit
+    assert int(conf["vm_memory_high_watermark.absolute"]) == int(limit * 0.4)
+
+
+def test_no_two_services_publish_the_same_port() -> None:
+    published = [port for name in _compose()["services"] for port, _ in _ports(name)]
+    assert len(published) == len(set(published)), sorted(published)
+
+
+def test_ha_consumer_writes_into_its_own_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _volumes("consumer-ha") == {"/data": "./data-ha"}
+    assert _environment("consumer-ha")["DATA_OUTPUT_DIR"] == "/data"
+    drain = _settings(CONSUMER, monkeypatch).shutdown_timeout_seconds
+    assert _seconds(_service("consumer-ha")["stop_grace_period"]) > drain
 
 
 # --- Prometheus and Grafana against compose --------------------------------------------------

@@ -28,6 +28,20 @@ async def test_backlog_per_shard_from_the_broker(
     assert await RabbitBacklog().backlog(rabbitmq_url, topo) == [4, 3, 3]
 
 
+async def test_backlog_from_the_first_node_of_a_list_that_answers(
+    topology: Callable[..., Topology], amqp: AbstractConnection, rabbitmq_url: str
+) -> None:
+    topo = topology(shards_count=2)
+    await publish(amqp, topo, entries(3, "n"), per_message=1)
+    # The services' RABBITMQ_URL of a cluster: nodes comma-separated, the first one down.
+    nodes = f"amqp://guest:guest@127.0.0.1:1/, {rabbitmq_url}"
+    assert await RabbitBacklog(timeout=2).backlog(nodes, topo) == [2, 1]
+    with pytest.raises(ObserveError, match=r"node 0: .*node 1: "):
+        await RabbitBacklog(timeout=2).backlog(
+            "amqp://guest:guest@127.0.0.1:1/,amqp://guest:guest@127.0.0.1:2/", topo
+        )
+
+
 async def test_an_unreachable_broker_is_an_observe_error(
     topology: Callable[..., Topology],
 ) -> None:

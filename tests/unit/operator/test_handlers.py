@@ -3,9 +3,12 @@ the operator's `Cluster` seam, the broker and pods are readers behind theirs."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import kopf
@@ -13,7 +16,7 @@ import pytest
 
 from services.common.topology import Topology
 from services.operator.cluster import ObjectRef, Pod, Scale
-from services.operator.handlers import on_timer
+from services.operator.handlers import cleanup, on_timer, startup
 from services.operator.observe import ObserveError, PoolState
 from services.operator.reconcile import DELETION_COST, Readers
 from services.operator.settings import OperatorSettings
@@ -204,3 +207,34 @@ async def test_a_statefulset_scales_down_without_marking_a_pod() -> None:
     )
     assert ("scale", "StatefulSet", "adp-consumer", 1) in cluster.calls
     assert not [c for c in cluster.calls if c[0] == "annotate"]
+
+
+async def test_startup_serves_only_its_namespace_and_retries_the_api_without_end(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "token").write_text("t")
+    config = OperatorSettings(
+        service_account_dir=tmp_path, kubernetes_service_host="127.0.0.1", retry_delay_seconds=8
+    )
+    memo = kopf.Memo(config=config)
+    settings = kopf.OperatorSettings()
+    await startup(memo=memo, settings=settings)
+    try:
+        # No cluster-wide listing of namespaces and CRDs: the Role is namespaced.
+        assert settings.scanning.disabled is True
+        backoffs = settings.networking.error_backoffs
+        assert isinstance(backoffs, Iterable)
+        assert not isinstance(backoffs, Sized)  # kopf counts no last attempt
+        assert list(itertools.islice(backoffs, 6)) == [1, 2, 4, 8, 8, 8]
+    finally:
+        await cleanup(memo=memo)
+
+
+async def test_startup_without_credentials_is_a_permanent_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    memo = kopf.Memo(config=OperatorSettings(service_account_dir=tmp_path))
+    with pytest.raises(kopf.PermanentError, match="no Kubernetes credentials"):
+        await startup(memo=memo, settings=kopf.OperatorSettings())

@@ -5,16 +5,19 @@
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* The release-qualified name; names of all objects start with it (63 characters at most). */}}
+{{/* The release-qualified name; names of all objects start with it. 43 characters at most,
+so that every name built on it fits: the StatefulSets (`-consumer`, `-rabbitmq`: 52 at most,
+or their pods' controller-revision-hash label passes 63 and no pod is created), the headless
+Service (`-rabbitmq-headless`) and the hooks' and test pod's names (63 at most, DNS labels). */}}
 {{- define "adp.fullname" -}}
 {{- if .Values.fullnameOverride }}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- .Values.fullnameOverride | trunc 43 | trimSuffix "-" }}
 {{- else }}
 {{- $name := default .Chart.Name .Values.nameOverride }}
 {{- if contains $name .Release.Name }}
-{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- .Release.Name | trunc 43 | trimSuffix "-" }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Name $name | trunc 43 | trimSuffix "-" }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -63,7 +66,34 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{- define "adp.rabbitmq.fullname" -}}
-{{- printf "%s-rabbitmq" (include "adp.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-rabbitmq" (include "adp.fullname" .) }}
+{{- end }}
+
+{{- define "adp.rabbitmq.headless" -}}
+{{- printf "%s-rabbitmq-headless" (include "adp.fullname" .) }}
+{{- end }}
+
+{{/* More than one RabbitMQ node: a cluster (peer discovery, quorum queues, PDB, preStop). */}}
+{{- define "adp.rabbitmq.clustered" -}}
+{{- if gt (int .Values.rabbitmq.replicaCount) 1 }}true{{ end }}
+{{- end }}
+
+{{/* The stable DNS name of RabbitMQ pod N, through the headless Service: call with
+(dict "ctx" $ "ordinal" N). */}}
+{{- define "adp.rabbitmq.host" -}}
+{{- printf "%s-%d.%s.%s.svc.%s" (include "adp.rabbitmq.fullname" .ctx) (int .ordinal) (include "adp.rabbitmq.headless" .ctx) .ctx.Release.Namespace .ctx.Values.rabbitmq.clusterDomain }}
+{{- end }}
+
+{{/* A Kubernetes memory quantity (e.g. 1Gi, 1500M, 1073741824) in bytes, as an integer. */}}
+{{- define "adp.bytes" -}}
+{{- $quantity := toString . }}
+{{- $units := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 }}
+{{- $number := regexFind `^[0-9]+(\.[0-9]+)?` $quantity }}
+{{- $suffix := trimPrefix $number $quantity }}
+{{- if or (not $number) (not (hasKey $units $suffix)) }}
+{{- fail (printf "%q is not a memory quantity in bytes (e.g. 1Gi, 1500M)" $quantity) }}
+{{- end }}
+{{- printf "%d" (mulf (float64 $number) (index $units $suffix) | floor | int64) }}
 {{- end }}
 
 {{/* The Secret and key holding RABBITMQ_URL. */}}
@@ -110,5 +140,16 @@ httpGet:
 {{- end }}
 {{- if ge (int .Values.config.scaleDownBacklog) (int .Values.config.scaleUpBacklog) }}
 {{- fail "config.scaleDownBacklog must be below config.scaleUpBacklog" }}
+{{- end }}
+{{- if and .Values.rabbitmq.enabled (include "adp.rabbitmq.clustered" .) }}
+{{- if ne .Values.config.queueType "quorum" }}
+{{- fail (printf "rabbitmq.replicaCount=%v needs config.queueType=quorum: a classic queue lives on one node and goes with it (queues created as classic must be migrated: see README, High availability)" .Values.rabbitmq.replicaCount) }}
+{{- end }}
+{{- if lt (int .Values.rabbitmq.terminationGracePeriodSeconds) 120 }}
+{{- fail (printf "rabbitmq.terminationGracePeriodSeconds (%v) must be 120 or more with several nodes: the preStop waits for the quorum queues' other members, then drains the node" .Values.rabbitmq.terminationGracePeriodSeconds) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.rabbitmq.enabled (not .Values.rabbitmq.resources.limits.memory) }}
+{{- fail "rabbitmq.resources.limits.memory is required: RabbitMQ's memory alarm is derived from it" }}
 {{- end }}
 {{- end }}
