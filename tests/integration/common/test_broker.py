@@ -88,7 +88,8 @@ async def test_a_lost_node_moves_the_connection_to_the_next_with_its_channels(
         await first.start()
         await second.cut()  # and back round to node 0
         await eventually(is_(lambda: broker.node == 0), timeout=10, what="back on node 0")
-    assert "lost" in caplog.text and "restored" in caplog.text
+    assert "lost" in caplog.text
+    assert "restored" in caplog.text
 
 
 async def test_start_skips_unreachable_nodes_and_masks_every_password(
