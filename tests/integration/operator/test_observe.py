@@ -14,6 +14,7 @@ from services.common.topology import Topology
 from services.consumer.settings import ConsumerSettings
 from services.operator.observe import HttpPools, ObserveError, PoolState, RabbitBacklog
 from tests.support.consumer import run_consumer
+from tests.support.net import free_port
 from tests.support.publish import entries, publish
 
 pytestmark = pytest.mark.rabbitmq
@@ -26,6 +27,21 @@ async def test_backlog_per_shard_from_the_broker(
     # seconds 0..9: shard 0 gets 0,3,6,9 (4), shard 1 gets 1,4,7 (3), shard 2 gets 2,5,8 (3)
     await publish(amqp, topo, entries(10, "b"), per_message=1)
     assert await RabbitBacklog().backlog(rabbitmq_url, topo) == [4, 3, 3]
+
+
+async def test_backlog_from_the_first_node_of_the_list_that_answers(
+    topology: Callable[..., Topology], amqp: AbstractConnection, rabbitmq_url: str
+) -> None:
+    """The Secret's RABBITMQ_URL may list a cluster's nodes: a dead one is passed over, and
+    its password never shows in the error of a list where none answers."""
+    topo = topology(shards_count=3)
+    await publish(amqp, topo, entries(10, "n"), per_message=1)
+    dead = f"amqp://guest:s3cret@127.0.0.1:{free_port()}/"
+    for _ in range(4):  # from a random start each time
+        assert await RabbitBacklog().backlog(f"{dead},{rabbitmq_url}", topo) == [4, 3, 3]
+    with pytest.raises(ObserveError, match="broker") as caught:
+        await RabbitBacklog(timeout=2).backlog(f"{dead},amqp://u:s3cret@127.0.0.1:1/", topo)
+    assert "s3cret" not in str(caught.value)
 
 
 async def test_an_unreachable_broker_is_an_observe_error(
