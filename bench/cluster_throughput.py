@@ -167,7 +167,7 @@ def main() -> None:
 
 def report(figures: Figures, sizes: list[int], args: argparse.Namespace) -> None:
     ms = "{:.1f}".format
-    cpu = "{:.2f}".format
+    cpu = "{:.3f}".format
     print(
         f"medians of {args.repeat} runs (min-max); broker CPU = every node's, s per 1,000 entries"
     )
