@@ -4,7 +4,8 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint unit install broker bench soak audit audit-deps check-deploy clean
+.PHONY: run test lint unit install broker bench bench-cluster cluster-up cluster-down soak audit \
+	audit-deps check-deploy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +55,17 @@ bench: install broker
 	$(BIN)/python -m bench.api_load --repeat 3 $(BENCH_ARGS)
 	$(BIN)/python -m bench.consumer_drain
 	$(BIN)/python -m bench.freshness
+
+## bench-cluster: quorum queues on the local three-node cluster vs classic on one node, one run
+bench-cluster: install
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python -m bench.cluster_throughput $(BENCH_ARGS)
+
+## cluster-up / cluster-down: the local three-node RabbitMQ cluster (scripts/rabbitmq-cluster.sh)
+cluster-up:
+	scripts/rabbitmq-cluster.sh up
+cluster-down:
+	scripts/rabbitmq-cluster.sh down
 
 ## soak: the fault suite, ADP_FAULT_SCALE (default 10) times longer, then its figures table
 soak: install broker

@@ -29,6 +29,7 @@ from pathlib import Path
 import aio_pika
 
 from bench.api_load import body
+from services.common.topology import Topology
 from services.common.wire import PARTS_HEADER
 from tests.support.net import free_port
 
@@ -36,14 +37,21 @@ RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672
 SHARDS = 5
 
 
-async def fill(prefix: str, entries: int, per_message: int) -> int:
-    """Publish `entries` entries in messages of `per_message`, spread over the shards."""
+async def fill(
+    prefix: str,
+    entries: int,
+    per_message: int,
+    *,
+    url: str = RABBITMQ_URL,
+    topology: Topology | None = None,
+) -> int:
+    """Publish `entries` entries in messages of `per_message`, spread over the shards
+    (declared as `topology` says; classic queues by default)."""
     payload = body(per_message).encode()
     messages = entries // per_message
-    connection = await aio_pika.connect(RABBITMQ_URL)
+    connection = await aio_pika.connect(url)
     async with connection, connection.channel(publisher_confirms=True) as channel:
-        for shard in range(SHARDS):
-            await channel.declare_queue(f"{prefix}{shard}", durable=True)
+        await (topology or Topology(prefix, SHARDS)).declare(channel)
         for start in range(0, messages, 1000):
             await asyncio.gather(
                 *(
@@ -62,8 +70,8 @@ async def fill(prefix: str, entries: int, per_message: int) -> int:
     return messages
 
 
-async def delete(prefix: str) -> None:
-    connection = await aio_pika.connect(RABBITMQ_URL)
+async def delete(prefix: str, url: str = RABBITMQ_URL) -> None:
+    connection = await aio_pika.connect(url)
     async with connection, connection.channel() as channel:
         for shard in range(SHARDS):
             await channel.queue_delete(f"{prefix}{shard}")
@@ -105,11 +113,14 @@ def drain_consumer(
     out: Path,
     sample_rss: bool = False,
     exactly_once: bool = True,
+    *,
+    url: str = RABBITMQ_URL,
+    extra: dict[str, str] | None = None,
 ) -> tuple[float, list[float]]:
     port = free_port()
     env = {
         **os.environ,
-        "RABBITMQ_URL": RABBITMQ_URL,
+        "RABBITMQ_URL": url,
         "QUEUE_PREFIX": prefix,
         "SHARDS_COUNT": str(SHARDS),
         "DATA_OUTPUT_DIR": str(out),
@@ -118,6 +129,7 @@ def drain_consumer(
         "LOG_LEVEL": "WARNING",
         "HISTORY_LOG_INTERVAL_SECONDS": "0",
         "EXACTLY_ONCE": str(exactly_once).lower(),
+        **(extra or {}),
     }
     script = Path(sys.executable).parent / "async-data-processor"
     proc = subprocess.Popen(

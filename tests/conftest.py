@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
 
 from services.common.topology import Topology
+from tests.support.cluster import Cluster, ClusterError, script
 from tests.support.tcp_proxy import TcpProxy
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -71,3 +73,24 @@ async def proxy(rabbitmq_url: str) -> AsyncIterator[TcpProxy]:
     the_proxy = TcpProxy.to_broker(rabbitmq_url)
     yield the_proxy
     await the_proxy.cut()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_cluster() -> Iterator[Cluster]:
+    """The local three-node cluster (scripts/rabbitmq-cluster.sh), brought up once for the
+    session and torn down (state deleted) at its end. Cannot come up: a failure saying why,
+    never a skip."""
+    try:
+        cluster = Cluster.up()
+    except (ClusterError, OSError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(
+            f"the local three-node RabbitMQ cluster did not come up: {exc}\n"
+            "It needs the machine's rabbitmq-server (Debian: apt-get install rabbitmq-server) "
+            "and root (the nodes run as the rabbitmq user); try "
+            "`scripts/rabbitmq-cluster.sh up` by hand.",
+            pytrace=False,
+        )
+    try:
+        yield cluster
+    finally:
+        script("down")

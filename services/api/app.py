@@ -30,7 +30,7 @@ from services.api.middleware import RequestMetrics
 from services.api.openapi import openapi_document
 from services.api.publisher import GroupCommitPublisher, Publisher
 from services.api.settings import ApiSettings
-from services.common.broker import Broker
+from services.common.broker import Broker, BrokerMetrics
 from services.common.http import http_error, probe_routes
 from services.common.metrics import new_registry
 from services.common.topology import Topology
@@ -78,12 +78,12 @@ def create_app(
         )
         metrics.broker_connected.set_function(lambda: float(own.ready))
         async with Broker(
-            settings.rabbitmq_url,
+            settings.broker_nodes(),
             name="adp-api",
             setup=own.attach,
             connect_timeout=settings.broker_connect_timeout_seconds,
             retry_max_seconds=settings.broker_retry_max_seconds,
-            redacted_url=settings.rabbitmq_url_redacted,
+            metrics=BrokerMetrics(registry, "adp_api"),
         ):
             yield {"publisher": own}
             # uvicorn has drained the requests; what is left are sends nobody awaits.

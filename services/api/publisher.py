@@ -15,11 +15,19 @@ queues, `mandatory`) every message holding the request's entries; otherwise it r
 indistinguishable from a failure: the request gets a 503 and the client retries; with the
 same Idempotency-Key the retry's parts carry the same ids (`services.common.wire`), so the
 consumer writes those entries once; without one it may write them twice.
+
+A nack renews the confirm channel (at most once per `RENEW_SECONDS`): on a cluster, a
+quorum queue whose leader's node died is led by another node within a second, but a
+channel that first published to it in that second keeps addressing the dead leader, and
+RabbitMQ 3.10 nacks every publish on it until that node is back (seen here: 17 s of nacks
+after a kill -9). A fresh channel looks the leader up anew; publishes already sent on the
+old one keep it for `timeout` seconds, for their confirms.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -39,6 +47,8 @@ from services.common.topology import Topology
 from services.common.wire import ACCEPTED_HEADER, PARTS_HEADER, accepted_ms, key_id, part_spec
 
 log = logging.getLogger(__name__)
+
+RENEW_SECONDS = 1.0  # at most one new confirm channel this often, after nacks
 
 
 class Publisher(Protocol):
@@ -102,6 +112,8 @@ class GroupCommitPublisher:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._sending: set[asyncio.Task[None]] = set()
+        self._renewing: set[asyncio.Task[None]] = set()
+        self._renewed_at = -RENEW_SECONDS
 
     async def attach(self, connection: AbstractRobustConnection) -> None:
         """Broker set-up: declare the shard queues, open the confirm-mode channel."""
@@ -141,6 +153,9 @@ class GroupCommitPublisher:
         """Wait (bounded) for messages already sent to be confirmed."""
         if self._sending:
             await asyncio.wait(self._sending, timeout=timeout)
+        for task in self._renewing:
+            task.cancel()
+        await asyncio.gather(*self._renewing, return_exceptions=True)
 
     def _join(self, shard_index: int, part: bytes, spec: str, entries: int) -> _Message:
         shard = self._shards[shard_index]
@@ -190,6 +205,8 @@ class GroupCommitPublisher:
             self._metrics.publish_failures.labels(exc.reason).inc()
             log.warning("publish to %s failed (%s): %s", shard.queue, exc.reason, exc.detail)
             _fail(message, exc)
+            if exc.reason == "nack":
+                self._renew_channel()
             if exc.reason in ("timeout", "disconnected"):
                 # The broker is stalled or gone: the messages waiting behind this one would
                 # go into the same hole, and their requests would time out after bytes had
@@ -206,6 +223,29 @@ class GroupCommitPublisher:
             if shard.waiting and not shard.flush_scheduled:
                 shard.flush_scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush, shard)
+
+    def _renew_channel(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if self._renewing or now - self._renewed_at < RENEW_SECONDS:
+            return
+        self._renewed_at = now
+        task = asyncio.create_task(self._renew(), name="publisher-renew-channel")
+        self._renewing.add(task)
+        task.add_done_callback(self._renewing.discard)
+
+    async def _renew(self) -> None:
+        conn, old = self._connection, self._channel
+        if conn is None or old is None or not self.ready:
+            return
+        try:
+            self._channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+        except CONNECTIVITY_ERRORS as exc:
+            log.warning("could not open a new confirm channel after a nack: %s", exc)
+            return
+        log.warning("publish nacked: publishing on a new confirm channel")
+        await asyncio.sleep(self._timeout)  # the old one's confirms in flight
+        with contextlib.suppress(*CONNECTIVITY_ERRORS):
+            await old.close()
 
     async def _confirm(self, shard: _Shard, message: _Message) -> None:
         channel = self._channel

@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from yarl import URL
+
+from services.common.nodes import Nodes, parse_nodes, redact
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -24,7 +25,11 @@ class ServiceSettings(BaseSettings):
 
     rabbitmq_url: str = Field(
         "amqp://guest:guest@localhost:5672/",
-        description="AMQP URL of the RabbitMQ broker (amqp:// or amqps://).",
+        description=(
+            "AMQP URL of the RabbitMQ broker (amqp:// or amqps://), or the URLs of a "
+            "cluster's nodes comma-separated (same virtual host): the service connects to "
+            "one reachable node and moves to the next one when it loses it."
+        ),
     )
     shards_count: int = Field(
         5,
@@ -91,10 +96,8 @@ class ServiceSettings(BaseSettings):
 
     @field_validator("rabbitmq_url")
     @classmethod
-    def _amqp_url(cls, value: str) -> str:
-        url = URL(value)
-        if url.scheme not in ("amqp", "amqps") or not url.host:
-            raise ValueError("must be an amqp:// or amqps:// URL with a host")
+    def _amqp_urls(cls, value: str) -> str:
+        parse_nodes(value)  # raises naming the malformed element, its password masked
         return value
 
     @field_validator("log_level", mode="before")
@@ -104,6 +107,9 @@ class ServiceSettings(BaseSettings):
 
     @property
     def rabbitmq_url_redacted(self) -> str:
-        """The broker URL fit for a log line: the password replaced."""
-        url = URL(self.rabbitmq_url)
-        return str(url.with_password("***")) if url.password else str(url)
+        """The broker URL (every node's) fit for a log line: the passwords replaced."""
+        return ",".join(redact(url) for url in parse_nodes(self.rabbitmq_url))
+
+    def broker_nodes(self) -> Nodes:
+        """The nodes, from a random one of them (each process its own start)."""
+        return Nodes.parse(self.rabbitmq_url)

@@ -7,6 +7,13 @@ dead-letter queue `<prefix>dead` instead of looping. The consumer moves poison m
 (no valid entries) to the same queue, for either type. Declaring is idempotent; a queue that
 exists with other arguments makes the broker refuse (PRECONDITION_FAILED), which start-up
 reports as a configuration error.
+
+On a cluster, quorum queues are replicated: each on three nodes (the broker's default group
+size, `quorum_cluster_size`, 3 on RabbitMQ 3.10 and 4.x alike; fewer on a smaller cluster),
+and their leaders spread over the nodes (`x-queue-leader-locator: balanced`, understood by
+3.10 and 4.x; without it a leader lands on the node the declaring client is connected to,
+so every shard would lead on one node). The dead-letter queue is then a quorum queue too,
+so a dead-lettered message survives the loss of a node as well as the shard it came from.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ class Topology:
             arguments.update(
                 {
                     "x-queue-type": "quorum",
+                    "x-queue-leader-locator": "balanced",
                     "x-delivery-limit": self.delivery_limit,
                     "x-dead-letter-exchange": "",
                     "x-dead-letter-routing-key": self.dead_letter_queue,
@@ -73,10 +81,18 @@ class Topology:
         """Declare every shard queue (durable), in shard order."""
         return [await self.declare_one(channel, shard) for shard in range(self.shards_count)]
 
+    @property
+    def dead_letter_arguments(self) -> Arguments:
+        if self.queue_type == "quorum":
+            return {"x-queue-type": "quorum", "x-queue-leader-locator": "balanced"}
+        return {}
+
     async def declare_dead_letter(self, channel: AbstractChannel) -> AbstractQueue:
-        """The shared dead-letter queue (classic, durable): poison messages the consumer
-        moves there, and, for quorum queues, messages past the delivery limit."""
-        return await channel.declare_queue(self.dead_letter_queue, durable=True)
+        """The shared dead-letter queue (durable; of the shards' type): poison messages the
+        consumer moves there, and, for quorum queues, messages past the delivery limit."""
+        return await channel.declare_queue(
+            self.dead_letter_queue, durable=True, arguments=self.dead_letter_arguments
+        )
 
     async def declare_one(self, channel: AbstractChannel, shard: int) -> AbstractQueue:
         if self.queue_type == "quorum":

@@ -31,7 +31,7 @@ from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.exceptions import DeliveryError
 from prometheus_client import CollectorRegistry
 
-from services.common.broker import CONNECTIVITY_ERRORS, Broker
+from services.common.broker import CONNECTIVITY_ERRORS, Broker, BrokerMetrics
 from services.common.schema import InvalidEntries, parse_message
 from services.common.topology import Topology
 from services.consumer.acker import Acker
@@ -137,12 +137,12 @@ class ConsumerService:
         ]
         self._probe = BrokerDepthProbe(self.topology)
         self._broker = Broker(
-            settings.rabbitmq_url,
+            settings.broker_nodes(),
             name=f"adp-consumer-{settings.host_name}",
             setup=self._attach,
             connect_timeout=settings.broker_connect_timeout_seconds,
             retry_max_seconds=settings.broker_retry_max_seconds,
-            redacted_url=settings.rabbitmq_url_redacted,
+            metrics=BrokerMetrics(registry, "adp_consumer"),
         )
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._channels: list[AbstractChannel] = []

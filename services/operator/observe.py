@@ -10,6 +10,7 @@ import aio_pika
 import aiohttp
 
 from services.common.broker import CONNECTIVITY_ERRORS
+from services.common.nodes import Nodes
 from services.common.topology import Topology
 
 
@@ -40,21 +41,26 @@ class PoolReader(Protocol):
 
 
 class RabbitBacklog:
-    """One short connection per reading: passive declares (~0.3 ms each), then closed."""
+    """One short connection per reading: passive declares (~0.3 ms each), then closed.
+    `url` may list a cluster's nodes comma-separated (RABBITMQ_URL): they are tried in
+    turn, from a random one, until one answers."""
 
     def __init__(self, timeout: float = 5.0) -> None:
         self._timeout = timeout
 
     async def backlog(self, url: str, topology: Topology) -> list[int]:
-        """`url` may list a cluster's nodes comma-separated (the services' RABBITMQ_URL):
-        the first that answers is read (any node sees every queue's count)."""
-        failures = []
-        for node, node_url in enumerate(_nodes(url)):
+        try:
+            nodes = Nodes.parse(url)
+        except ValueError as exc:
+            raise ObserveError(f"broker: the Secret's RABBITMQ_URL is invalid: {exc}") from exc
+        errors = []
+        for _ in range(len(nodes)):
             try:
-                return await self._read(node_url, topology)
+                return await self._read(str(nodes.current), topology)
             except CONNECTIVITY_ERRORS as exc:
-                failures.append(f"node {node}: {exc or type(exc).__name__}")
-        raise ObserveError(f"broker: {'; '.join(failures) or 'no URL'}")
+                errors.append(f"{nodes.shown}: {exc or type(exc).__name__}")
+            nodes.advance()
+        raise ObserveError(f"broker: {'; '.join(errors)}")
 
     async def _read(self, url: str, topology: Topology) -> list[int]:
         connection = await aio_pika.connect(url, timeout=self._timeout)
@@ -64,10 +70,6 @@ class RabbitBacklog:
                 queue = await channel.declare_queue(name, passive=True)
                 counts.append(queue.declaration_result.message_count or 0)
             return counts
-
-
-def _nodes(url: str) -> list[str]:
-    return [part.strip() for part in url.split(",") if part.strip()]
 
 
 class HttpPools:

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +43,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq, pytest.mark.timeout(600)]
 SCALE = max(1, int(os.environ.get("ADP_FAULT_SCALE", "1")))
 RESULTS = Path(os.environ.get("ADP_FAULTS_RESULTS", ".cache/faults"))
 PUBLISH_TIMEOUT = 2.0
+
+Counts = Callable[[], Awaitable[dict[str, tuple[int, int]]]]
 
 
 @pytest.fixture
@@ -72,6 +74,8 @@ class Stack:
     consumer_port: int = field(default_factory=free_port)
     api: ServiceProcess | None = None
     consumer: ServiceProcess | None = None
+    env: dict[str, str] = field(default_factory=dict)  # for both services (QUEUE_TYPE, ...)
+    counts: Counts = field(default=queue_counts)  # (ready, unacked) per queue, of its broker
     _runs: Counter[str] = field(default_factory=Counter)
     tallies: Counter[str] = field(default_factory=Counter)
     _exits: ExitStack = field(default_factory=ExitStack)
@@ -89,6 +93,7 @@ class Stack:
             "QUEUE_PREFIX": self.topo.prefix,
             "SHARDS_COUNT": str(self.topo.shards_count),
             "LOG_LEVEL": "INFO",
+            **self.env,
         }
 
     async def start_api(self) -> ServiceProcess:
@@ -138,7 +143,10 @@ class Stack:
 
         await eventually(all_written, timeout=timeout, interval=0.5, what="accepted written")
         await eventually(
-            lambda: queues_empty(self.topo), timeout=timeout, interval=0.5, what="queues empty"
+            lambda: queues_empty(self.topo, self.counts),
+            timeout=timeout,
+            interval=0.5,
+            what="queues empty",
         )
 
     async def count_consumer(self) -> None:
@@ -171,9 +179,9 @@ class Stack:
                 assert await asyncio.to_thread(process.wait, 20) == 0, process.log
 
 
-async def queues_empty(topo: Topology) -> bool:
+async def queues_empty(topo: Topology, counted: Counts = queue_counts) -> bool:
     """No ready and no unacked message in the scenario's shard queues."""
-    counts = await queue_counts()
+    counts = await counted()
     return not any(sum(counts.get(name, (0, 0))) for name in topo.queue_names)
 
 

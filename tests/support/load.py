@@ -10,6 +10,7 @@ fast 503s came.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -41,6 +42,7 @@ class Load:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _accepted_at: list[float] = field(default_factory=list)
+    _stopped_at: float | None = None
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._client(n)) for n in range(self.clients)]
@@ -48,6 +50,7 @@ class Load:
     async def stop(self, settle: float = 60.0) -> None:
         """Stop sending new requests; wait (at most `settle` s) for retries to finish."""
         self._stop.set()
+        self._stopped_at = time.monotonic()
         done, pending = await asyncio.wait(self._tasks, timeout=settle)
         for task in pending:
             task.cancel()
@@ -58,6 +61,13 @@ class Load:
 
     def accepted_since(self, moment: float) -> int:
         return sum(1 for t in self._accepted_at if t >= moment)
+
+    def longest_gap(self, since: float, until: float | None = None) -> float:
+        """The longest stretch, in seconds, without a 201 between `since` and `until`
+        (default: when the load stopped, or now) — a fault's cost to the clients."""
+        end = until or self._stopped_at or time.monotonic()
+        moments = [since, *(t for t in self._accepted_at if since < t < end), end]
+        return max(b - a for a, b in itertools.pairwise(moments))
 
     async def _client(self, number: int) -> None:
         async with httpx.AsyncClient(base_url=self.base_url, timeout=self.request_timeout) as http:

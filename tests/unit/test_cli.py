@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from services.api.settings import ApiSettings
 from services.cli import _settings, build_parser, main
 from services.consumer.settings import ConsumerSettings
 from services.operator.settings import OperatorSettings
+from tests.support.process import console_script
 
 
 def test_server_help_lists_its_options() -> None:
@@ -85,3 +87,29 @@ def test_a_flag_overrides_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_bad_flag_value_exits_2_naming_the_setting(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["message-consumer", "--queue-type", "mirrored"]) == 2
     assert "invalid setting QUEUE_TYPE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["server", "message-consumer", "dev"])
+@pytest.mark.parametrize(
+    "nodes",
+    [
+        "amqp://u:s3cret@a:5672/one,amqp://u:s3cret@b:5672/two",
+        "amqp://u:s3cret@a:5672/,",
+        "amqp://u:s3cret@a:5672/,amqp://u:s3cret@:5672/",
+        "amqp://u:s3cret@a:5672/,amqps://u:s3cret@b:70000/",
+        "amqp://u:s3cret@a:5672/vh,http://u:s3cret@b:5672/vh",
+    ],
+)
+def test_a_malformed_node_in_the_list_ends_the_real_process_with_2(
+    command: str, nodes: str
+) -> None:
+    """The console script itself, as a deployment starts it: status 2, one line naming
+    RABBITMQ_URL and the element, never the password."""
+    env = {**os.environ, "RABBITMQ_URL": nodes}
+    done = subprocess.run(
+        [console_script(), command], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2, done.stderr
+    assert "invalid setting RABBITMQ_URL" in done.stderr
+    assert "element 2 of 2" in done.stderr or "different virtual hosts" in done.stderr
+    assert "s3cret" not in done.stderr + done.stdout

@@ -1,8 +1,10 @@
 """Quorum shard queues on the real RabbitMQ: a message that keeps failing stops being
-redelivered after the delivery limit and lands in the dead-letter queue."""
+redelivered after the delivery limit and lands in the dead-letter queue; on the local
+three-node cluster, the queues are replicated on every node with their leaders spread."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import aio_pika
@@ -10,6 +12,7 @@ import pytest
 from aio_pika.abc import AbstractConnection
 
 from services.common.topology import Topology
+from tests.support.cluster import Cluster
 from tests.support.polling import eventually
 from tests.support.queues import depth
 
@@ -42,3 +45,29 @@ async def test_a_message_past_the_delivery_limit_goes_to_the_dead_letter_queue(
             assert await depth(amqp, topo.queue_name(0)) == 0
         finally:
             await channel.queue_delete(topo.dead_letter_queue)
+
+
+async def test_quorum_queues_on_a_cluster_are_replicated_with_their_leaders_spread(
+    rabbitmq_cluster: Cluster, unique_prefix: Callable[[], str]
+) -> None:
+    """On the local three-node cluster, declared through one node: every shard queue (and
+    the dead-letter queue) is a quorum queue on all three nodes, and the leaders are not all
+    on the node declaring them (which is where the broker's default, client-local, puts
+    them)."""
+    topo = Topology(unique_prefix(), 6, queue_type="quorum")
+    connection = await aio_pika.connect(rabbitmq_cluster.urls[0], timeout=10)
+    async with connection, connection.channel() as channel:
+        try:
+            await topo.declare(channel)
+            placement = await rabbitmq_cluster.placement(topo.prefix)
+            kinds = await rabbitmq_cluster.ctl("list_queues", "name", "type")
+        finally:
+            for name in [*topo.queue_names, topo.dead_letter_queue]:
+                await channel.queue_delete(name)
+    assert set(placement) == {*topo.queue_names, topo.dead_letter_queue}
+    for _, members in placement.values():
+        assert sorted(members) == ["n1", "n2", "n3"]
+    leaders = Counter(leader for name, (leader, _) in placement.items() if name in topo.queue_names)
+    assert len(leaders) >= 2, leaders
+    assert max(leaders.values()) <= 3, leaders
+    assert f"{topo.dead_letter_queue}\tquorum" in kinds

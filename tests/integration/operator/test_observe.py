@@ -14,6 +14,7 @@ from services.common.topology import Topology
 from services.consumer.settings import ConsumerSettings
 from services.operator.observe import HttpPools, ObserveError, PoolState, RabbitBacklog
 from tests.support.consumer import run_consumer
+from tests.support.net import free_port
 from tests.support.publish import entries, publish
 
 pytestmark = pytest.mark.rabbitmq
@@ -28,18 +29,19 @@ async def test_backlog_per_shard_from_the_broker(
     assert await RabbitBacklog().backlog(rabbitmq_url, topo) == [4, 3, 3]
 
 
-async def test_backlog_from_the_first_node_of_a_list_that_answers(
+async def test_backlog_from_the_first_node_of_the_list_that_answers(
     topology: Callable[..., Topology], amqp: AbstractConnection, rabbitmq_url: str
 ) -> None:
-    topo = topology(shards_count=2)
-    await publish(amqp, topo, entries(3, "n"), per_message=1)
-    # The services' RABBITMQ_URL of a cluster: nodes comma-separated, the first one down.
-    nodes = f"amqp://guest:guest@127.0.0.1:1/, {rabbitmq_url}"
-    assert await RabbitBacklog(timeout=2).backlog(nodes, topo) == [2, 1]
-    with pytest.raises(ObserveError, match=r"node 0: .*node 1: "):
-        await RabbitBacklog(timeout=2).backlog(
-            "amqp://guest:guest@127.0.0.1:1/,amqp://guest:guest@127.0.0.1:2/", topo
-        )
+    """The Secret's RABBITMQ_URL may list a cluster's nodes: a dead one is passed over, and
+    its password never shows in the error of a list where none answers."""
+    topo = topology(shards_count=3)
+    await publish(amqp, topo, entries(10, "n"), per_message=1)
+    dead = f"amqp://guest:s3cret@127.0.0.1:{free_port()}/"
+    for _ in range(4):  # from a random start each time
+        assert await RabbitBacklog().backlog(f"{dead},{rabbitmq_url}", topo) == [4, 3, 3]
+    with pytest.raises(ObserveError, match="broker") as caught:
+        await RabbitBacklog(timeout=2).backlog(f"{dead},amqp://u:s3cret@127.0.0.1:1/", topo)
+    assert "s3cret" not in str(caught.value)
 
 
 async def test_an_unreachable_broker_is_an_observe_error(

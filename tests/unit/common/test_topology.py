@@ -25,8 +25,17 @@ def test_quorum_queues_have_a_delivery_limit_and_a_dead_letter_queue() -> None:
     topo = Topology("q_", 2, queue_type="quorum", delivery_limit=3)
     assert topo.queue_arguments == {
         "x-queue-type": "quorum",
+        "x-queue-leader-locator": "balanced",
         "x-delivery-limit": 3,
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": "q_dead",
     }
     assert topo.dead_letter_queue == "q_dead"
+
+
+def test_the_dead_letter_queue_is_of_the_shards_type() -> None:
+    assert Topology("q_", 2).dead_letter_arguments == {}
+    assert Topology("q_", 2, queue_type="quorum").dead_letter_arguments == {
+        "x-queue-type": "quorum",
+        "x-queue-leader-locator": "balanced",
+    }
