@@ -43,8 +43,10 @@ class Delivery:
 
     @classmethod
     def of(cls, message: AbstractIncomingMessage, count: int) -> Delivery:
-        """A delivery of `count` valid entries, named for the ledger."""
-        parts = parse_parts(message.headers.get(PARTS_HEADER), message.message_id, count)
+        """A delivery of `count` valid entries, named for the ledger. Raises
+        `InvalidParts` for a malformed parts header (a poison message)."""
+        header = message.headers.get(PARTS_HEADER)
+        parts = parse_parts(header, message.message_id, count, message.body)
         check = bool(message.redelivered) or any(part.keyed for part in parts)
         return cls(message, count, parts=tuple(parts), check=check, channel=message.channel)
 

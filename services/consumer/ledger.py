@@ -43,6 +43,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiormq.abc import AbstractChannel as RawChannel
@@ -97,6 +98,10 @@ class Ledger:
         # Event loop only: acked deliveries' parts waiting for a barrier on their channel.
         self._acked: dict[RawChannel, list[str]] = {}
         self.skipped = 0  # entries found already written (duplicates avoided)
+        # Lookups and settling, off the event loop but not on its default executor: closing
+        # the loop waits for that one, and a thread hung on the volume would hold the exit.
+        self._io = ThreadPoolExecutor(4, thread_name_prefix="adp-ledger")
+        self._torn = False  # a failed append left a partial line it could not remove
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -114,15 +119,21 @@ class Ledger:
         then it releases them itself)."""
         check = any(delivery.check for delivery, _, _ in batch.sources)
         if check:
+            waited = False
             while waits := self._overlapping(batch):
                 await asyncio.wait(waits)
+                waited = True
+            if waited:
+                # A delivery whose channel died meanwhile is redelivered, and its copy may
+                # have been written while this batch waited: it must not be written here.
+                batch = batch.without_stale()
         # Claimed before any await: a copy admitted meanwhile waits for this one.
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         claimed = self._claim(batch, future)
         try:
             if check:
                 loop = asyncio.get_running_loop()
-                admitted = await loop.run_in_executor(None, self._refresh_and_trim, batch)
+                admitted = await loop.run_in_executor(self._io, self._refresh_and_trim, batch)
             else:
                 admitted = batch.only(batch.entries, self._spans(batch))
         except BaseException:
@@ -158,9 +169,21 @@ class Ledger:
         with self._lock:
             self._recording.pop(name, None)
 
+    def unsynced(self, name: str, spans: list[Span]) -> None:
+        """After the rename, the directory sync failed: the file is in place but the rename
+        may not survive a power loss. Known as recorded and unconfirmed (as a record read
+        from a log without its confirmation): a lookup trusts it only after a directory
+        sync of its own succeeds."""
+        with self._lock:
+            now = self._clock()
+            self._recording.pop(name, None)
+            self._own[name] = (now, spans)
+            self._add(name, spans, now)
+            self._unconfirmed.add(name)
+
     def confirm(self, name: str, spans: list[Span]) -> None:
-        """After the rename (and the directory sync, or its attempt): the file is in place.
-        Never raises: the durable record already says so."""
+        """After the rename and a successful directory sync: the file is in place. Never
+        raises: the durable record already says so."""
         with self._lock:
             now = self._clock()
             self._recording.pop(name, None)
@@ -200,7 +223,7 @@ class Ledger:
             settled.extend(ids)
         if settled:
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, self._settle, settled)
+            await loop.run_in_executor(self._io, self._settle, settled)
         return len(settled)
 
     # --- inspection ---------------------------------------------------------------------------
@@ -223,7 +246,9 @@ class Ledger:
     # --- internals ----------------------------------------------------------------------------
 
     def _open(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.folder.is_dir():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fsync_directory(self.directory)  # the new folder's own entry is durable too
         self._read_others()
         self._confirm()
         self._compact()
@@ -373,21 +398,28 @@ class Ledger:
                 item = json.loads(line)
             except ValueError:
                 continue  # a torn last line of a crashed writer
-            if not isinstance(item, dict):
-                continue
-            if "f" in item:
-                born = float(item["t"])
-                if born < horizon:
-                    continue
-                spans = [(str(p), int(a), int(b)) for p, a, b in item["p"]]
-                self._add(item["f"], spans, born)
-                self._unconfirmed.add(item["f"])
-                if own:
-                    self._own[item["f"]] = (born, spans)
-            elif "d" in item:
-                self._unconfirmed.discard(item["d"])
-            elif "s" in item:
-                self._forget(item["s"])
+            try:
+                self._apply_one(item, own=own, horizon=horizon)
+            except (KeyError, TypeError, ValueError) as exc:  # another version's shape
+                log.warning("ledger: a line of an unknown shape skipped (%r)", exc)
+
+    def _apply_one(self, item: object, *, own: bool, horizon: float) -> None:
+        if not isinstance(item, dict):
+            return
+        if "f" in item:
+            born = float(item["t"])
+            if born < horizon:
+                return
+            name = str(item["f"])
+            spans = [(str(p), int(a), int(b)) for p, a, b in item["p"]]
+            self._add(name, spans, born)
+            self._unconfirmed.add(name)
+            if own:
+                self._own[name] = (born, spans)
+        elif "d" in item:
+            self._unconfirmed.discard(item["d"])
+        elif "s" in item:
+            self._forget(str(part) for part in item["s"])
 
     def _confirm(self) -> None:
         """Records without their confirmation whose file is in place count once the
@@ -404,7 +436,20 @@ class Ledger:
         remounted."""
         fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            write_all(fd, line)
+            if self._torn:  # end the partial line left behind, so this one stays whole
+                line = b"\n" + line
+            before = os.fstat(fd).st_size
+            try:
+                write_all(fd, line)
+            except OSError:
+                # Cut short (a full volume): remove the partial line, or the next append
+                # would be glued onto it and make one invalid line of both.
+                try:
+                    os.ftruncate(fd, before)
+                except OSError:
+                    self._torn = True
+                raise
+            self._torn = False
         except BaseException:
             os.close(fd)
             raise
@@ -416,11 +461,13 @@ class Ledger:
         live = [to_json({"g": uuid.uuid4().hex}) + b"\n"]
         for name, (born, spans) in list(self._own.items()):
             kept = [s for s in spans if s[0] in self._written]
-            if not kept or name in self._unconfirmed:
-                del self._own[name]
+            unconfirmed = name in self._unconfirmed
+            if not kept or (unconfirmed and not (self.directory / name).exists()):
+                del self._own[name]  # forgotten, or its file never appeared
                 continue
             live.append(to_json({"t": born, "f": name, "p": kept}) + b"\n")
-            live.append(to_json({"d": name}) + b"\n")
+            if not unconfirmed:  # one in place but not yet synced stays unconfirmed
+                live.append(to_json({"d": name}) + b"\n")
         for name, (born, spans) in self._recording.items():  # being renamed by a writer now
             live.append(to_json({"t": born, "f": name, "p": spans}) + b"\n")
         data = b"".join(live)

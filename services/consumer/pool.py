@@ -233,10 +233,13 @@ class Pool:
             self._spawn(worker.record.slot, retry, pause=1.0 if reason == "error" else 0.0)
         elif retry is not None:
             self.queue.put(retry, front=True)
-            self._check_idle()
+        # Only now that a retry is handed on (the fresh generation counts as busy).
+        self._check_idle()
 
     async def _serve(self, worker: _Worker) -> tuple[StopReason, Batch | None]:
-        while not worker.retiring:
+        # A fresh generation's first batch (a retry) is written even if the slot was told
+        # to retire meanwhile: "a retiring worker finishes its batch first".
+        while not worker.retiring or worker.first is not None:
             if worker.first is not None:
                 batch, worker.first = worker.first, None
             else:
@@ -248,13 +251,13 @@ class Pool:
                 outcome = await self._write(worker, batch)
             except Exception:
                 log.exception("worker %s failed on a batch; restarting it", worker.record.id)
-                return "error", batch.retry()
+                return "error", batch.retry()  # still busy: `_run` hands the retry on
             finally:
-                worker.busy = False
                 worker.current = None
-                self._check_idle()
             if outcome == "timeout":
                 return "timeout", batch.retry()
+            worker.busy = False
+            self._check_idle()
         return "scale-down", None
 
     async def _write(self, worker: _Worker, batch: Batch) -> Outcome:
@@ -262,9 +265,14 @@ class Pool:
         if not live.entries:
             return "written"  # every source's channel died: the broker redelivers them all
         if self._ledger is None:
-            return await self._write_live(worker, batch, live)
+            return await self._write_live(worker, batch, live, self._timeout)
+        started = time.perf_counter()
         try:
-            live = await self._ledger.admit(live)
+            # Bounded like the write: a lookup hung on the volume replaces its worker.
+            live = await asyncio.wait_for(self._ledger.admit(live), self._timeout)
+        except TimeoutError:
+            self._timed_out(worker.record, live)
+            return "timeout"
         except OSError as exc:  # its logs unreadable: the volume's trouble, as a write's
             await self._write_failed(worker, batch, exc)
             return "retry"
@@ -272,16 +280,19 @@ class Pool:
             if not live.entries:  # all already in files: settle, write nothing
                 await asyncio.shield(self._acker.batch_written(live))
                 return "written"
-            return await self._write_live(worker, batch, live)
+            left = max(self._timeout - (time.perf_counter() - started), 0.0)
+            return await self._write_live(worker, batch, live, left)
         finally:
             self._ledger.release(live)
 
-    async def _write_live(self, worker: _Worker, batch: Batch, live: Batch) -> Outcome:
+    async def _write_live(
+        self, worker: _Worker, batch: Batch, live: Batch, timeout: float
+    ) -> Outcome:
         record = worker.record
         started = time.perf_counter()
         write = asyncio.ensure_future(self._sink.write(live, record.id))
         try:
-            done, _ = await asyncio.wait({write}, timeout=self._timeout)
+            done, _ = await asyncio.wait({write}, timeout=timeout)
         except asyncio.CancelledError:
             live.abandon()  # stopped mid-write: a late finish must not make a file
             write.cancel()

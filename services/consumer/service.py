@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry
 from services.common.broker import CONNECTIVITY_ERRORS, Broker
 from services.common.schema import InvalidEntries, parse_message
 from services.common.topology import Topology
+from services.common.wire import InvalidParts
 from services.consumer.acker import Acker
 from services.consumer.autoscaler import Autoscaler
 from services.consumer.batch import Batcher, Delivery
@@ -52,6 +53,8 @@ DIRECTORY_CHECK_SECONDS = 5.0
 CLOSE_TIMEOUT_SECONDS = 3.0
 # How often acked deliveries are confirmed applied (a barrier) and forgotten by the ledger.
 SETTLE_SECONDS = 2.0
+# A poison message neither dead-lettered nor kept goes back to the queue after this pause.
+REQUEUE_PAUSE_SECONDS = 1.0
 DEAD_LETTER_ERRORS: tuple[type[BaseException], ...] = (
     DeliveryError,
     TimeoutError,
@@ -300,10 +303,11 @@ class ConsumerService:
                 redeliveries.inc()
             try:
                 entries = parse_message(message.body)
-            except InvalidEntries as exc:
+                delivery = Delivery.of(message, len(entries))
+            except (InvalidEntries, InvalidParts) as exc:
                 await self._reject(shard, message, str(exc))
                 return
-            batcher.add(Delivery.of(message, len(entries)), entries)
+            batcher.add(delivery, entries)
 
         return on_message
 
@@ -317,7 +321,14 @@ class ConsumerService:
             try:
                 where = await self.sink.reject(message.body, reason, message.message_id)
             except OSError as exc:
-                log.warning("could not keep a rejected message (%s); requeueing it", exc)
+                log.warning(
+                    "could not keep a rejected message (%s); requeueing it in %gs",
+                    exc,
+                    REQUEUE_PAUSE_SECONDS,
+                )
+                # Not at once: with the dead-letter channel and the volume both failing, an
+                # immediate requeue would bring it straight back, in a tight loop.
+                await asyncio.sleep(REQUEUE_PAUSE_SECONDS)
                 await self.acker.requeue(Delivery(message, 0))
                 return
         self.metrics.rejected.labels(str(shard)).inc()

@@ -126,17 +126,22 @@ class FileSink:
             raise
         try:
             fsync_directory(self.directory)
-        finally:
-            # In place even if the sync failed: the batch is retried then, and the retry
-            # finds these entries written instead of writing them again.
+        except OSError:
+            # In place but not durable: nothing is confirmed or acked. The retry finds the
+            # file unconfirmed and trusts it only once a directory sync succeeds.
             if ledger is not None:
-                ledger.confirm(name, batch.spans)
+                ledger.unsynced(name, batch.spans)
+            raise
+        if ledger is not None:
+            ledger.confirm(name, batch.spans)
         return name
 
     def _reject(self, body: bytes, reason: str, message_id: str | None) -> str:
         """Keep an unreadable message's body (nothing is thrown away), then it can be acked."""
         folder = self.directory / REJECTED_DIR
-        folder.mkdir(exist_ok=True)
+        if not folder.is_dir():
+            folder.mkdir(exist_ok=True)
+            fsync_directory(self.directory)  # the folder's own entry is durable too
         name = f"{self._name('rejected')[:-6]}.json"
         document = {"reason": reason, "message_id": message_id, "body": body.decode("latin-1")}
         temporary = folder / f".{name}.tmp"

@@ -28,7 +28,7 @@ from tests.support.consumer import (
 )
 from tests.support.polling import eventually
 from tests.support.publish import entries, publish
-from tests.support.queues import depth
+from tests.support.queues import depth, queue_counts
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.rabbitmq
@@ -350,3 +350,42 @@ async def test_quorum_queues_are_consumed_the_same(
     finally:
         async with amqp.channel() as channel:
             await channel.queue_delete(topo.dead_letter_queue)
+
+
+@pytest.mark.parametrize("header", ["²", "9" * 5000, "2,x"])
+async def test_a_malformed_parts_header_is_dead_lettered_and_the_shard_flows(
+    settings: Settings, topology: Callable[..., Topology], amqp: AbstractConnection, header: str
+) -> None:
+    """A header that does not parse (not ASCII digits, a count of thousands of digits) goes
+    to the poison path with its reason, instead of failing the message callback forever."""
+    import aio_pika
+
+    topo = topology(shards_count=1)
+    config = settings(topo)
+    body = b'[{"timestamp": "2019-10-12T07:20:50Z", "value": "bad-header"}]'
+    async with amqp.channel() as channel:
+        await topo.declare(channel)
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, message_id="bad", headers={"x-adp-parts": header}),
+            routing_key=topo.queue_name(0),
+        )
+    good = entries(5, "after-bad-header")
+    await publish(amqp, topo, good, per_message=5)
+    async with run_consumer(config):
+        await lines_reach(config.data_output_dir, 5)
+        await eventually(
+            lambda: _no_unacked(topo.queue_name(0)), timeout=10, what="every message settled"
+        )
+    assert sorted(e["value"] for e in written_lines(config.data_output_dir)) == sorted(
+        e["value"] for e in good
+    )
+    async with amqp.channel() as channel:
+        queue = await channel.declare_queue(topo.dead_letter_queue, passive=True)
+        dead = await queue.get(fail=False, no_ack=True)
+    assert dead is not None
+    assert dead.body == body
+    assert "x-adp-parts" in str(dead.headers["x-adp-reason"])
+
+
+async def _no_unacked(queue: str) -> bool:
+    return (await queue_counts()).get(queue, (0, 0)) == (0, 0)

@@ -4,8 +4,12 @@ what it forgets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import resource
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,6 +20,8 @@ from services.common.schema import Entry
 from services.common.wire import Part
 from services.consumer.batch import Batch, Delivery
 from services.consumer.ledger import Ledger, _missing
+from tests.support import deliveries
+from tests.support.consumer import written_lines
 
 
 class FakeChannel:
@@ -339,3 +345,91 @@ async def test_the_log_is_compacted_to_what_is_live(tmp_path: Path) -> None:
     assert after < before / 10
     assert fresh.written("kept/0") == [(0, 1)]
     assert fresh.written("m3/0") == []
+
+
+async def test_a_reused_message_id_does_not_hide_a_redelivered_messages_entries(
+    tmp_path: Path,
+) -> None:
+    """Two hand-published messages (no parts header) share the message_id X. M1 is
+    written but its ack is lost with its channel; M2, stale on that channel, comes back
+    redelivered: its entries are not M1's and must be written."""
+    log: list[str] = []
+    first, second = deliveries.entries("a", 2), deliveries.entries("b", 2)
+    async with deliveries.data_path(tmp_path) as path:
+        m1 = deliveries.message(log, "m1", first, message_id="X", lose_ack=True)
+        path.submit(deliveries.delivery(m1, 2), first)
+        await deliveries.until(lambda: m1.channel.is_closed, what="M1 written, its ack lost")
+        m2 = deliveries.message(log, "m2", second, message_id="X", redelivered=True)
+        path.submit(deliveries.delivery(m2, 2), second)
+        await deliveries.until(lambda: "ack m2" in log, what="M2 acked")
+    assert sorted(e["value"] for e in written_lines(tmp_path)) == ["a0", "a1", "b0", "b1"]
+
+
+async def test_a_delivery_gone_stale_while_its_batch_waits_is_not_written_again(
+    tmp_path: Path,
+) -> None:
+    """A batch holds a client's keyed retry (waiting for the original's write) and a first
+    delivery D. D's channel dies during the wait; D's redelivery is written by another
+    worker; when the batch resumes, D must not be written a second time."""
+    ledger = opened(tmp_path)
+    original = await ledger.admit(
+        batch_of(delivery([Part("kx", 0, 1, keyed=True)], check=True), 0, 1)
+    )
+    channel = deliveries.ScriptedChannel()
+    retry = delivery([Part("kx", 0, 1, keyed=True)], check=True)
+    d = delivery([Part("d/0", 0, 2)], check=False, channel=channel)
+    both = batch_of(retry, 0, 1)
+    both.add(d, batch_of(d, 0, 2, tag="d").entries, 0)
+    waiting = asyncio.ensure_future(ledger.admit(both))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # the original copy of kx is being written
+    channel.is_closed = True  # D's channel dies
+    again = delivery([Part("d/0", 0, 2)], check=True)  # its redelivery, on a new channel
+    assert len((await write(ledger, batch_of(again, 0, 2, tag="d"), "d.jsonl")).entries) == 2
+    ledger.record("k.jsonl", original.spans)
+    (tmp_path / "k.jsonl").write_text("x")
+    ledger.confirm("k.jsonl", original.spans)
+    ledger.release(original)
+    admitted = await asyncio.wait_for(waiting, 2)
+    try:
+        assert [e["value"] for e in admitted.entries] == [], "D written a second time"
+    finally:
+        ledger.release(admitted)
+
+
+@contextlib.contextmanager
+def files_limited_to(size: int) -> Iterator[None]:
+    """The volume "fills" at `size` bytes per file (RLIMIT_FSIZE: a write crossing it is
+    cut short, the next fails), for this process and only inside the block."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+async def test_a_log_append_cut_short_by_a_full_volume_does_not_swallow_the_next(
+    tmp_path: Path,
+) -> None:
+    """The volume fills in the middle of a record line; once there is room again, the next
+    record must survive a restart (and be read by other replicas)."""
+    ledger = opened(tmp_path)
+    await write(ledger, batch_of(delivery([Part("m1/0", 0, 2)], check=False), 0, 2), "f1.jsonl")
+    log = tmp_path / ".ledger" / "a.log"
+    with files_limited_to(log.stat().st_size + 10), pytest.raises(OSError, match="too large"):
+        await write(ledger, batch_of(delivery([Part("m2/0", 0, 2)], check=False), 0, 2), "f2")
+    await write(ledger, batch_of(delivery([Part("m3/0", 0, 2)], check=False), 0, 2), "f3.jsonl")
+    assert opened(tmp_path, "b").written("m3/0") == [(0, 2)]  # another replica
+    assert opened(tmp_path, "a").written("m3/0") == [(0, 2)]  # a restart
+
+
+async def test_a_line_of_another_shape_is_skipped_not_fatal(tmp_path: Path) -> None:
+    """Version skew: valid JSON a reader does not know must not stop it from starting."""
+    ledger = opened(tmp_path, "a")
+    await write(ledger, batch_of(delivery([Part("m/0", 0, 2)], check=False), 0, 2), "f1.jsonl")
+    with (tmp_path / ".ledger" / "b.log").open("wb") as log:
+        log.write(b'{"f": "x", "t": "soon", "p": 7}\n{"s": 5}\n[1, 2]\n{"d": 1}\n')
+    assert opened(tmp_path, "c").written("m/0") == [(0, 2)]
