@@ -28,7 +28,6 @@ from typing import Literal
 from services.consumer.acker import Acker
 from services.consumer.batch import Batch
 from services.consumer.history import StopReason, WorkerHistory, WorkerRecord
-from services.consumer.ledger import Ledger
 from services.consumer.metrics import ConsumerMetrics
 from services.consumer.sink import Sink
 
@@ -113,10 +112,8 @@ class Pool:
         workers_min: int,
         workers_max: int,
         timeout: float,
-        ledger: Ledger | None = None,
     ) -> None:
         self.shard = shard
-        self._ledger = ledger
         self.workers_min = workers_min
         self.workers_max = workers_max
         self.queue = BatchQueue()
@@ -264,35 +261,13 @@ class Pool:
         live = batch.without_stale()
         if not live.entries:
             return "written"  # every source's channel died: the broker redelivers them all
-        if self._ledger is None:
-            return await self._write_live(worker, batch, live, self._timeout)
-        started = time.perf_counter()
-        try:
-            # Bounded like the write: a lookup hung on the volume replaces its worker.
-            live = await asyncio.wait_for(self._ledger.admit(live), self._timeout)
-        except TimeoutError:
-            self._timed_out(worker.record, live)
-            return "timeout"
-        except OSError as exc:  # its logs unreadable: the volume's trouble, as a write's
-            await self._write_failed(worker, batch, exc)
-            return "retry"
-        try:
-            if not live.entries:  # all already in files: settle, write nothing
-                await asyncio.shield(self._acker.batch_written(live))
-                return "written"
-            left = max(self._timeout - (time.perf_counter() - started), 0.0)
-            return await self._write_live(worker, batch, live, left)
-        finally:
-            self._ledger.release(live)
-
-    async def _write_live(
-        self, worker: _Worker, batch: Batch, live: Batch, timeout: float
-    ) -> Outcome:
         record = worker.record
         started = time.perf_counter()
+        # The sink's whole write is bounded, its ledger lookup included: a worker stuck on
+        # a hung volume is replaced.
         write = asyncio.ensure_future(self._sink.write(live, record.id))
         try:
-            done, _ = await asyncio.wait({write}, timeout=timeout)
+            done, _ = await asyncio.wait({write}, timeout=self._timeout)
         except asyncio.CancelledError:
             live.abandon()  # stopped mid-write: a late finish must not make a file
             write.cancel()
@@ -306,21 +281,22 @@ class Pool:
             # Wait for it, then ack as usual; never ack before the sink returns.
             await asyncio.wait({write})
         try:
-            write.result()
+            written = write.result()
         except OSError as exc:
             await self._write_failed(worker, batch, exc)
             return "retry"
-        self._metrics.batch_seconds.observe(time.perf_counter() - started)
         self.write_ok = True
         self._errors_in_a_row = 0
-        # Counted before the acks: a cancellation while they go out (shutdown, retirement)
-        # must not lose the count, and it does not stop them (shielded).
-        self._metrics.batch_entries.observe(len(live))
-        self._metrics.batches.labels(self._label).inc()
-        self._metrics.processed.labels(self._label, record.id).inc(len(live))
-        record.entries += len(live)
-        record.batches += 1
-        await asyncio.shield(self._acker.batch_written(live))
+        if written.entries:  # (none: all were in files already; settled, nothing written)
+            self._metrics.batch_seconds.observe(time.perf_counter() - started)
+            # Counted before the acks: a cancellation while they go out (shutdown,
+            # retirement) must not lose the count, and it does not stop them (shielded).
+            self._metrics.batch_entries.observe(len(written))
+            self._metrics.batches.labels(self._label).inc()
+            self._metrics.processed.labels(self._label, record.id).inc(len(written))
+            record.entries += len(written)
+            record.batches += 1
+        await asyncio.shield(self._acker.batch_written(written))
         return "written"
 
     def _timed_out(self, record: WorkerRecord, batch: Batch) -> None:

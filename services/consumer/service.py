@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
@@ -38,6 +39,7 @@ from services.common.wire import InvalidParts
 from services.consumer.acker import Acker
 from services.consumer.autoscaler import Autoscaler
 from services.consumer.batch import Batcher, Delivery
+from services.consumer.group import MAX_GROUPS
 from services.consumer.history import WorkerHistory
 from services.consumer.ledger import Ledger
 from services.consumer.metrics import ConsumerMetrics
@@ -93,31 +95,32 @@ class ConsumerService:
         settings: ConsumerSettings,
         registry: CollectorRegistry,
         *,
-        sink: Sink | None = None,
+        wrap_sink: Callable[[Sink], Sink] | None = None,
     ) -> None:
+        """`wrap_sink`: tests hand in a wrapper around the service's own sink (a slow or
+        failing one), through the `Sink` protocol."""
         self.settings = settings
         self.metrics = ConsumerMetrics(registry)
         self.history = WorkerHistory(settings.history_limit)
         self.topology = Topology.from_settings(settings)
+        # A writer thread per batch that can be in progress at once (a worker's), plus the
+        # group commits in progress.
         self._executor = ThreadPoolExecutor(
-            max_workers=settings.shards_count * settings.workers_max + 2,
+            max_workers=settings.shards_count * settings.workers_max + MAX_GROUPS,
             thread_name_prefix="adp-write",
         )
-        if sink is None:
-            ledger = None
-            if settings.exactly_once:
-                ledger = Ledger(
-                    settings.data_output_dir,
-                    safe_host(settings.host_name),
-                    retention=settings.ledger_retention_seconds,
-                    max_parts=settings.ledger_max_parts,
-                )
-            sink = FileSink(settings.data_output_dir, settings.host_name, self._executor, ledger)
-        self.sink = sink
-        self.ledger = sink.ledger
-        if self.ledger is not None:
-            self._count_ledger(self.ledger)
-        self.acker = Acker(self.metrics, self.ledger)
+        # The sink owns the ledger; the service keeps it only to settle acked messages.
+        ledger = self._new_ledger(settings) if settings.exactly_once else None
+        self.ledger = ledger
+        sink: Sink = FileSink(
+            settings.data_output_dir,
+            settings.host_name,
+            self._executor,
+            ledger,
+            on_group=self.metrics.group_batches.observe,
+        )
+        self.sink = wrap_sink(sink) if wrap_sink is not None else sink
+        self.acker = Acker(self.metrics, ledger.acked if ledger is not None else _nothing)
         self.pools = [
             Pool(
                 shard,
@@ -128,7 +131,6 @@ class ConsumerService:
                 workers_min=settings.workers_min,
                 workers_max=settings.workers_max,
                 timeout=settings.worker_timeout_seconds,
-                ledger=self.ledger,
             )
             for shard in range(settings.shards_count)
         ]
@@ -152,11 +154,18 @@ class ConsumerService:
         self._directory_ok = True
         self.metrics.broker_connected.set_function(lambda: float(self._broker.connected))
 
-    def _count_ledger(self, ledger: Ledger) -> None:
+    def _new_ledger(self, settings: ConsumerSettings) -> Ledger:
         duplicates = self.metrics.duplicates
-        ledger.on_skip = lambda shard, count: duplicates.labels(str(shard)).inc(count)
-        ledger.on_forget = self.metrics.ledger_forgotten.inc
+        ledger = Ledger(
+            settings.data_output_dir,
+            safe_host(settings.host_name),
+            retention=settings.ledger_retention_seconds,
+            max_parts=settings.ledger_max_parts,
+            on_forget=self.metrics.ledger_forgotten.inc,
+            on_skip=lambda shard, count: duplicates.labels(str(shard)).inc(count),
+        )
         self.metrics.ledger_parts.set_function(lambda: ledger.parts)
+        return ledger
 
     def pools_state(self) -> list[dict[str, int]]:
         """Per shard: live workers and bounds, busy workers, queued batches, and entries
@@ -403,3 +412,7 @@ class ConsumerService:
         while True:
             await asyncio.sleep(self.settings.history_log_interval_seconds)
             log.info("worker history:\n%s", self.history.table())
+
+
+def _nothing(delivery: Delivery) -> None:
+    """No ledger: an ack settles nothing more."""

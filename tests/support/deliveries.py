@@ -105,13 +105,12 @@ async def data_path(
     pool = Pool(
         0,
         sink,
-        Acker(metrics, ledger),
+        Acker(metrics, ledger.acked if ledger is not None else lambda delivery: None),
         history,
         metrics,
         workers_min=workers,
         workers_max=workers,
         timeout=timeout,
-        ledger=ledger,
     )
     pool.start()
     try:

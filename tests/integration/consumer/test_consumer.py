@@ -8,7 +8,6 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import pytest
 from aio_pika.abc import AbstractConnection
 
 from services.common.topology import Topology
-from services.consumer.sink import FileSink
 from tests.integration.consumer.conftest import Settings
 from tests.support.consumer import (
     RunningConsumer,
@@ -180,31 +178,29 @@ async def test_backlog_grows_the_pool_to_max_then_it_shrinks_back(
         scale_down_cooldown_seconds=1.5,
     )
     await publish(amqp, topo, entries(1500, "b"), per_message=1)
-    with ThreadPoolExecutor(8) as executor:
-        sink = SlowSink(FileSink(config.data_output_dir, "testhost", executor), delay=0.02)
-        async with run_consumer(config, sink=sink) as consumer:
-            samples: list[int] = []
+    async with run_consumer(config, lambda sink: SlowSink(sink, delay=0.02)) as consumer:
+        samples: list[int] = []
 
-            async def sample_throughout() -> None:
-                while True:
-                    samples.append(consumer.live()[0])
-                    await asyncio.sleep(0.01)
+        async def sample_throughout() -> None:
+            while True:
+                samples.append(consumer.live()[0])
+                await asyncio.sleep(0.01)
 
-            async def live_becomes(size: int, timeout: float) -> None:
-                async def probe() -> bool:
-                    return consumer.live()[0] == size
+        async def live_becomes(size: int, timeout: float) -> None:
+            async def probe() -> bool:
+                return consumer.live()[0] == size
 
-                await eventually(probe, timeout=timeout, interval=0.01, what=f"{size} live")
+            await eventually(probe, timeout=timeout, interval=0.01, what=f"{size} live")
 
-            sampler = asyncio.create_task(sample_throughout())
-            try:
-                await live_becomes(4, timeout=15)
-                await lines_reach(config.data_output_dir, 1500, timeout=60)
-                await live_becomes(3, timeout=15)
-            finally:
-                sampler.cancel()
-            workers = (await consumer.http.get("/workers")).json()["workers"]
-            metrics = (await consumer.http.get("/metrics")).text
+        sampler = asyncio.create_task(sample_throughout())
+        try:
+            await live_becomes(4, timeout=15)
+            await lines_reach(config.data_output_dir, 1500, timeout=60)
+            await live_becomes(3, timeout=15)
+        finally:
+            sampler.cancel()
+        workers = (await consumer.http.get("/workers")).json()["workers"]
+        metrics = (await consumer.http.get("/metrics")).text
     assert set(samples) == {3, 4}  # sampled every 10 ms from start to end: never outside
     assert samples[0] == 3
     assert [w for w in workers if w["stop_reason"] == "scale-down"]
@@ -223,14 +219,12 @@ async def test_a_batch_slower_than_the_timeout_is_written_once_by_a_fresh_worker
 ) -> None:
     topo = topology(shards_count=1)
     config = settings(topo, batch_size=5, worker_timeout_seconds=0.5)
-    with ThreadPoolExecutor(4) as executor:
-        sink = SlowSink(FileSink(config.data_output_dir, "testhost", executor), 2.0, 1)
-        async with run_consumer(config, sink=sink) as consumer:
-            await publish(amqp, topo, entries(5, "t"), per_message=5)
-            lines = await lines_reach(config.data_output_dir, 5, timeout=10)
-            await asyncio.sleep(2.0)  # the abandoned write would have finished by now
-            workers = (await consumer.http.get("/workers")).json()["workers"]
-            metrics = (await consumer.http.get("/metrics")).text
+    async with run_consumer(config, lambda sink: SlowSink(sink, 2.0, 1)) as consumer:
+        await publish(amqp, topo, entries(5, "t"), per_message=5)
+        lines = await lines_reach(config.data_output_dir, 5, timeout=10)
+        await asyncio.sleep(2.0)  # the abandoned write would have finished by now
+        workers = (await consumer.http.get("/workers")).json()["workers"]
+        metrics = (await consumer.http.get("/metrics")).text
     assert sorted(e["value"] for e in written_lines(config.data_output_dir)) == sorted(
         e["value"] for e in lines
     )

@@ -19,7 +19,8 @@ from aio_pika.abc import AbstractIncomingMessage
 from services.common.schema import Entry
 from services.common.wire import Part
 from services.consumer.batch import Batch, Delivery
-from services.consumer.ledger import Ledger, _missing
+from services.consumer.ledger import Ledger
+from services.consumer.ledger_log import _missing
 from tests.support import deliveries
 from tests.support.consumer import written_lines
 
@@ -54,9 +55,9 @@ async def write(ledger: Ledger, batch: Batch, name: str) -> Batch:
     admitted = await ledger.admit(batch)
     try:
         if admitted.entries:
-            ledger.record(name, admitted.spans)
-            (ledger.directory / name).write_text("x")
-            ledger.confirm(name, admitted.spans)
+            ledger.log.record([(name, admitted.spans)])
+            (ledger.log.directory / name).write_text("x")
+            ledger.log.settled([(name, admitted.spans)], [], [])
     finally:
         ledger.release(admitted)
     return admitted
@@ -93,7 +94,7 @@ async def test_a_checked_redelivery_writes_only_what_is_missing(tmp_path: Path) 
     left = await write(ledger, batch_of(again, 0, 10), "f2.jsonl")
     assert [e["value"] for e in left.entries] == [f"v{i}" for i in range(5, 10)]
     assert left.spans == [("m/0", 5, 10)]
-    assert left.sources[0][1] == 10  # every entry of the delivery is settled by it
+    assert left.sources[0].settles == 10  # every entry of the delivery is settled by it
     assert ledger.skipped == 5
 
 
@@ -133,7 +134,7 @@ async def test_the_event_loop_does_not_wait_for_the_writers_lock(tmp_path: Path)
     """A writer thread holds the lock across disk I/O (a slow disk): a lookup waits on its
     executor thread, the loop goes on."""
     ledger = opened(tmp_path)
-    with ledger._lock:
+    with ledger.log._lock:
         admitting = asyncio.ensure_future(
             ledger.admit(batch_of(delivery([Part("m/0", 0, 1)], check=True), 0, 1))
         )
@@ -175,12 +176,12 @@ async def test_a_restarted_process_and_another_replica_read_the_log(tmp_path: Pa
 async def test_a_record_whose_file_never_appeared_does_not_count(tmp_path: Path) -> None:
     """The process died between recording and renaming: the entries were not written."""
     ledger = opened(tmp_path, "a")
-    ledger.record("never.jsonl", [("m/0", 0, 4)])  # no file, no confirmation
+    ledger.log.record([("never.jsonl", [("m/0", 0, 4)])])  # no file, no confirmation
     fresh = opened(tmp_path, "a")
     left = await write(fresh, batch_of(delivery([Part("m/0", 0, 4)], check=True), 0, 4), "f.jsonl")
     assert len(left.entries) == 4
     # Renamed but not confirmed (died just after the rename): the file is there, it counts.
-    ledger.record("renamed.jsonl", [("p/0", 0, 2)])
+    ledger.log.record([("renamed.jsonl", [("p/0", 0, 2)])])
     (tmp_path / "renamed.jsonl").write_text("x")
     fresh = opened(tmp_path, "b")
     left = await write(fresh, batch_of(delivery([Part("p/0", 0, 2)], check=True), 0, 2), "g")
@@ -193,7 +194,7 @@ async def test_a_torn_last_line_is_ignored(tmp_path: Path) -> None:
     with (tmp_path / ".ledger" / "a.log").open("ab") as log:
         log.write(b'{"t": 1, "f": "half')
     fresh = opened(tmp_path, "a")
-    assert fresh.written("m/0") == [(0, 2)]
+    assert fresh.log.written("m/0") == [(0, 2)]
 
 
 async def test_a_second_copy_waits_for_the_first_write_instead_of_racing_it(
@@ -206,9 +207,9 @@ async def test_a_second_copy_waits_for_the_first_write_instead_of_racing_it(
     )
     await asyncio.sleep(0.05)
     assert not second.done()  # the first copy is being written
-    ledger.record("f1.jsonl", first.spans)
+    ledger.log.record([("f1.jsonl", first.spans)])
     (tmp_path / "f1.jsonl").write_text("x")
-    ledger.confirm("f1.jsonl", first.spans)
+    ledger.log.settled([("f1.jsonl", first.spans)], [], [])
     ledger.release(first)
     assert (await asyncio.wait_for(second, 1)).entries == []
 
@@ -232,18 +233,18 @@ async def test_settled_parts_are_forgotten_here_and_by_readers_keyed_ones_kept(
     reader = opened(tmp_path, "b")
     plain = delivery([Part("m/0", 0, 2), Part("kx", 2, 4, keyed=True)], check=True, channel=channel)
     await write(ledger, batch_of(plain, 0, 4), "f1.jsonl")
-    reader.refresh()
-    assert reader.written("m/0") == [(0, 2)]
+    reader.log.refresh()
+    assert reader.log.written("m/0") == [(0, 2)]
     ledger.acked(plain)
     assert await ledger.settle(channel.barrier) == 1
     assert channel.barriers == 1
-    assert ledger.written("m/0") == []
-    assert ledger.written("kx") == [(0, 2)]  # a client may still retry it
-    assert ledger._own["f1.jsonl"][1] == [("kx", 0, 2)]
-    ledger._forget(["kx"])
-    assert ledger._own == {}  # memory follows what is remembered
-    reader.refresh()
-    assert reader.written("m/0") == []
+    assert ledger.log.written("m/0") == []
+    assert ledger.log.written("kx") == [(0, 2)]  # a client may still retry it
+    assert ledger.log._own["f1.jsonl"][1] == [("kx", 0, 2)]
+    ledger.log.forget(["kx"])
+    assert ledger.log._own == {}  # memory follows what is remembered
+    reader.log.refresh()
+    assert reader.log.written("m/0") == []
 
 
 async def test_a_channel_failing_the_barrier_settles_nothing(tmp_path: Path) -> None:
@@ -257,37 +258,37 @@ async def test_a_channel_failing_the_barrier_settles_nothing(tmp_path: Path) -> 
     await write(ledger, batch_of(d, 0, 2), "f1.jsonl")
     ledger.acked(d)
     assert await ledger.settle(broken) == 0
-    assert ledger.written("m/0") == [(0, 2)]  # the ack may not have arrived: kept
+    assert ledger.log.written("m/0") == [(0, 2)]  # the ack may not have arrived: kept
 
 
 async def test_retention_and_room_limits_forget_the_oldest(tmp_path: Path) -> None:
     now = [1000.0]
     forgotten: list[int] = []
-    ledger = opened(tmp_path, retention=60, max_parts=1000, clock=lambda: now[0])
-    ledger.on_forget = forgotten.append
+    ledger = opened(
+        tmp_path, retention=60, max_parts=1000, clock=lambda: now[0], on_forget=forgotten.append
+    )
     for i in range(3):
         d = delivery([Part(f"k{i}", 0, 1, keyed=True)], check=True)
         await write(ledger, batch_of(d, 0, 1), f"f{i}.jsonl")
         now[0] += 40
     # At the last write (t=1080), k0 (t=1000) was past the 60 s retention, k1 (t=1040) not.
-    assert [ledger.written(f"k{i}") for i in range(3)] == [[], [(0, 1)], [(0, 1)]]
+    assert [ledger.log.written(f"k{i}") for i in range(3)] == [[], [(0, 1)], [(0, 1)]]
     assert forgotten == []  # its time was up: not "forgotten for room"
     # A restart at t=1120 reads the log with the same horizon: k1 is past it now.
     fresh = opened(tmp_path, retention=60, clock=lambda: now[0])
-    assert [fresh.written(f"k{i}") for i in range(3)] == [[], [], [(0, 1)]]
+    assert [fresh.log.written(f"k{i}") for i in range(3)] == [[], [], [(0, 1)]]
 
 
 async def test_past_max_parts_the_oldest_are_forgotten_and_counted(tmp_path: Path) -> None:
     forgotten: list[int] = []
-    ledger = opened(tmp_path, max_parts=1000)
-    ledger.on_forget = forgotten.append
+    ledger = opened(tmp_path, max_parts=1000, on_forget=forgotten.append)
     for i in range(1003):
         d = delivery([Part(f"k{i}", 0, 1, keyed=True)], check=False)
         await write(ledger, batch_of(d, 0, 1), f"f{i}.jsonl")
     assert ledger.parts == 1000
     assert sum(forgotten) == 3
-    assert ledger.written("k2") == []
-    assert ledger.written("k3") == [(0, 1)]
+    assert ledger.log.written("k2") == []
+    assert ledger.log.written("k3") == [(0, 1)]
 
 
 async def test_a_gone_replicas_log_is_removed_after_the_retention(tmp_path: Path) -> None:
@@ -307,13 +308,13 @@ async def test_the_ledger_opens_itself_if_the_volume_was_unusable_at_start(
     (tmp_path / "late").mkdir()
     d = delivery([Part("m/0", 0, 1)], check=False)
     await write(ledger, batch_of(d, 0, 1), "f.jsonl")
-    assert opened(tmp_path / "late", "b").written("m/0") == [(0, 1)]
+    assert opened(tmp_path / "late", "b").log.written("m/0") == [(0, 1)]
 
 
 async def test_compaction_waits_for_the_log_to_double_and_readers_keep_one_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("services.consumer.ledger.COMPACT_BYTES", 2048)
+    monkeypatch.setattr("services.consumer.ledger_log.COMPACT_BYTES", 2048)
     writer = opened(tmp_path, "a")
     reader = opened(tmp_path, "b")
     log = tmp_path / ".ledger" / "a.log"
@@ -322,10 +323,10 @@ async def test_compaction_waits_for_the_log_to_double_and_readers_keep_one_copy(
         d = delivery([Part(f"k{i}", 0, 1, keyed=True)], check=False)
         await write(writer, batch_of(d, 0, 1), f"f{i}.jsonl")
         generations.add(log.read_bytes().split(b"\n", 1)[0])
-        reader.refresh()
+        reader.log.refresh()
     assert 2 <= len(generations) <= 12  # compacted a few times, not on every write
-    assert all(reader.written(f"k{i}") == [(0, 1)] for i in range(200))
-    assert max(len(r) for r in reader._written.values()) == 1  # no copy per re-read
+    assert all(reader.log.written(f"k{i}") == [(0, 1)] for i in range(200))
+    assert max(len(r) for r in reader.log._written.values()) == 1  # no copy per re-read
 
 
 async def test_the_log_is_compacted_to_what_is_live(tmp_path: Path) -> None:
@@ -343,8 +344,8 @@ async def test_the_log_is_compacted_to_what_is_live(tmp_path: Path) -> None:
     fresh = opened(tmp_path)  # a restart compacts
     after = log.stat().st_size
     assert after < before / 10
-    assert fresh.written("kept/0") == [(0, 1)]
-    assert fresh.written("m3/0") == []
+    assert fresh.log.written("kept/0") == [(0, 1)]
+    assert fresh.log.written("m3/0") == []
 
 
 async def test_a_reused_message_id_does_not_hide_a_redelivered_messages_entries(
@@ -386,9 +387,9 @@ async def test_a_delivery_gone_stale_while_its_batch_waits_is_not_written_again(
     channel.is_closed = True  # D's channel dies
     again = delivery([Part("d/0", 0, 2)], check=True)  # its redelivery, on a new channel
     assert len((await write(ledger, batch_of(again, 0, 2, tag="d"), "d.jsonl")).entries) == 2
-    ledger.record("k.jsonl", original.spans)
+    ledger.log.record([("k.jsonl", original.spans)])
     (tmp_path / "k.jsonl").write_text("x")
-    ledger.confirm("k.jsonl", original.spans)
+    ledger.log.settled([("k.jsonl", original.spans)], [], [])
     ledger.release(original)
     admitted = await asyncio.wait_for(waiting, 2)
     try:
@@ -422,8 +423,8 @@ async def test_a_log_append_cut_short_by_a_full_volume_does_not_swallow_the_next
     with files_limited_to(log.stat().st_size + 10), pytest.raises(OSError, match="too large"):
         await write(ledger, batch_of(delivery([Part("m2/0", 0, 2)], check=False), 0, 2), "f2")
     await write(ledger, batch_of(delivery([Part("m3/0", 0, 2)], check=False), 0, 2), "f3.jsonl")
-    assert opened(tmp_path, "b").written("m3/0") == [(0, 2)]  # another replica
-    assert opened(tmp_path, "a").written("m3/0") == [(0, 2)]  # a restart
+    assert opened(tmp_path, "b").log.written("m3/0") == [(0, 2)]  # another replica
+    assert opened(tmp_path, "a").log.written("m3/0") == [(0, 2)]  # a restart
 
 
 async def test_a_line_of_another_shape_is_skipped_not_fatal(tmp_path: Path) -> None:
@@ -432,4 +433,4 @@ async def test_a_line_of_another_shape_is_skipped_not_fatal(tmp_path: Path) -> N
     await write(ledger, batch_of(delivery([Part("m/0", 0, 2)], check=False), 0, 2), "f1.jsonl")
     with (tmp_path / ".ledger" / "b.log").open("wb") as log:
         log.write(b'{"f": "x", "t": "soon", "p": 7}\n{"s": 5}\n[1, 2]\n{"d": 1}\n')
-    assert opened(tmp_path, "c").written("m/0") == [(0, 2)]
+    assert opened(tmp_path, "c").log.written("m/0") == [(0, 2)]

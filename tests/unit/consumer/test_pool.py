@@ -43,18 +43,17 @@ class ScriptedSink:
         self.log = log
         self.before = before
         self.after = after
-        self.ledger = None
 
     def prepare(self) -> int:
         return 0
 
-    async def write(self, batch: Batch, worker: str) -> str:
+    async def write(self, batch: Batch, worker: str) -> Batch:
         delay = self.before.pop(0) if self.before else 0.0
         self.log.append(f"write start {worker}")
         await asyncio.to_thread(_sleep_then_commit, batch, delay, self.log, worker)
         await asyncio.sleep(self.after)
         self.log.append(f"write done {worker}")
-        return f"{worker}.jsonl"
+        return batch
 
     async def reject(self, body: bytes, reason: str, message_id: str | None) -> str:
         raise NotImplementedError
@@ -181,7 +180,7 @@ class BuggySink(ScriptedSink):
         super().__init__(log, [])
         self.failed = False
 
-    async def write(self, batch: Batch, worker: str) -> str:
+    async def write(self, batch: Batch, worker: str) -> Batch:
         if not self.failed:
             self.failed = True
             raise RuntimeError("a bug")

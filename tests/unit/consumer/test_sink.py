@@ -35,7 +35,9 @@ async def test_writes_json_lines_under_a_name_with_host_and_worker(
     tmp_path: Path, executor: ThreadPoolExecutor
 ) -> None:
     sink = FileSink(tmp_path, "pod_a/1", executor)
-    name = await sink.write(batch(3), "3-1")
+    written = await sink.write(batch(3), "3-1")
+    assert written.entries == batch(3).entries
+    [name] = [p.name for p in tmp_path.iterdir()]
     assert re.fullmatch(r"pod-a-1_3-1_\d{8}T\d{12}Z_\d{8}\.jsonl", name)
     lines = (tmp_path / name).read_text().splitlines()
     assert [json.loads(line) for line in lines] == batch(3).entries
@@ -55,8 +57,8 @@ async def test_an_abandoned_batch_leaves_no_file(
 
 async def test_names_never_collide(tmp_path: Path, executor: ThreadPoolExecutor) -> None:
     sink = FileSink(tmp_path, "h", executor)
-    names = await asyncio.gather(*(sink.write(batch(1), "0-0") for _ in range(50)))
-    assert len(set(names)) == 50
+    await asyncio.gather(*(sink.write(batch(1), "0-0") for _ in range(50)))
+    assert len(list(tmp_path.glob("*.jsonl"))) == 50
 
 
 def test_prepare_removes_only_this_hosts_temporary_files(
