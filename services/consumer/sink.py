@@ -28,7 +28,7 @@ from pydantic_core import to_json
 
 from services.consumer.batch import Batch
 from services.consumer.files import fsync_directory, write_durably
-from services.consumer.group import Abandoned, GroupCommit
+from services.consumer.group import Abandoned, GroupCommit, SyncMode
 from services.consumer.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class FileSink:
         executor: Executor,
         ledger: Ledger | None = None,
         *,
+        sync: SyncMode = "group",
         on_group: Callable[[int], None] = lambda batches: None,
     ) -> None:
         self.directory = directory
@@ -76,7 +77,11 @@ class FileSink:
         self._host = safe_host(host)
         self._executor = executor
         self._group = GroupCommit(
-            directory, executor, ledger.log if ledger is not None else None, on_group=on_group
+            directory,
+            executor,
+            ledger.log if ledger is not None else None,
+            sync=sync,
+            on_group=on_group,
         )
         # Its own thread, so a probe is not stuck behind writes hung on the same disk.
         self._check_executor = ThreadPoolExecutor(1, thread_name_prefix="adp-check")
