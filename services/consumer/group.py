@@ -22,7 +22,9 @@ later sync succeeds) and abort lines for the dropped ones, in one append.
 
 A group of either kind starts at once while fewer than `max_groups` of that kind are in
 progress, so a lone batch at low load waits for nobody; under load, the batches that came
-meanwhile form the next group. Only after its rename group does a batch's future resolve
+meanwhile form the next group. The groups in progress share their syncs (`SharedSync`): a
+syncfs or directory fsync that starts after a group asked for it serves every group that
+asked meanwhile, so the disk sees about one flush per step however many groups wait. Only after its rename group does a batch's future resolve
 (or fail with OSError / `Abandoned`, for that batch alone), and its deliveries can be
 acked. A kill at any point leaves temporary files (removed at start-up; their deliveries
 were never acked) and records whose files are in place or not: the ledger counts a record
@@ -34,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -55,7 +58,7 @@ from services.consumer.ledger_log import LedgerLog
 
 log = logging.getLogger(__name__)
 
-MAX_GROUPS = 2  # groups of each kind in progress at once: one syncing, the next forming
+MAX_GROUPS = 4  # groups of each kind in progress at once (they share their syncs)
 SyncMode = Literal["group", "file"]
 
 Outcome = BaseException | None  # None: that step succeeded
@@ -78,6 +81,51 @@ class _Job:
     in_log: bool = False  # its record is in the ledger's log (an abort must say so)
     error: BaseException | None = None
     fd: int | None = None  # SYNC_MODE=group: the temporary file, open until checked
+
+
+class SharedSync:
+    """A sync many threads need, run once for all of them: `sync()` returns after a run of
+    `fn` that started after the call (so it covers everything the caller did before), and
+    raises that run's OSError. Callers that come while a run is in progress share the next
+    one: two groups in progress need about one run between them, not one each."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn = fn
+        self._cond = threading.Condition()
+        self._started = 0  # runs started so far
+        self._finished = 0
+        self._running = False
+        self._errors: dict[int, BaseException] = {}  # run -> its failure, for its waiters
+
+    def sync(self) -> None:
+        with self._cond:
+            wanted = self._started + 1  # the first run starting after now
+            while self._finished < wanted:
+                if not self._running and self._started < wanted:
+                    self._running = True
+                    self._started = run = wanted
+                    break
+                self._cond.wait()
+            else:
+                failed = self._errors.get(wanted)
+                if failed is not None:
+                    raise failed
+                return
+        error: BaseException | None = None
+        try:
+            self._fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter of this run
+            error = exc
+        with self._cond:
+            self._running = False
+            self._finished = run
+            if error is not None:
+                self._errors[run] = error
+            for old in [r for r in self._errors if r < run - 64]:
+                del self._errors[old]
+            self._cond.notify_all()
+        if error is not None:
+            raise error
 
 
 class _Groups:
@@ -149,6 +197,9 @@ class GroupCommit:
             log.warning("SYNC_MODE=group needs Linux 5.8 or later (syncfs); using SYNC_MODE=file")
             sync = "file"
         self.sync = sync
+        # Shared by the groups in progress: one run serves the ones that asked meanwhile.
+        self._flush_all = SharedSync(lambda: sync_filesystem(directory))
+        self._sync_directory = SharedSync(lambda: fsync_directory(directory))
         self._records = _Groups(executor, self._record, self._recorded, max_groups)
         self._renames = _Groups(executor, self._rename, _settle, max_groups, on_group)
 
@@ -218,7 +269,7 @@ class GroupCommit:
                     self._ledger.record([(job.name, job.spans) for job in live], sync=False)
                     for job in live:
                         job.in_log = True
-                sync_filesystem(self.directory)
+                self._flush_all.sync()
         except OSError as exc:
             # Records appended but maybe not durable are aborted below with their files.
             for job in live:
@@ -242,7 +293,7 @@ class GroupCommit:
         synced = True
         if renamed:
             try:
-                fsync_directory(self.directory)
+                self._sync_directory.sync()
             except OSError as exc:
                 # In place but not durable: nothing confirmed, nothing acked. A retry finds
                 # the files unconfirmed and trusts them only once a directory sync succeeds.
