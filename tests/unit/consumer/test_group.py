@@ -90,8 +90,8 @@ async def busy_group(
 async def a_third_group(
     group: GroupCommit, executor: SteppedExecutor, batches: dict[str, Batch]
 ) -> dict[str, asyncio.Future[None]]:
-    """Both group slots (max_groups=2) held by other batches, so these batches' writes finish while they
-    wait, and they form one group together."""
+    """Both group slots (max_groups=2) held by other batches, so these batches' writes
+    finish while they wait, and they form one group together."""
     held = [await busy_group(group, executor, "x"), await busy_group(group, executor, "y")]
     futures = {tag: group.submit(b, f"{tag}.jsonl") for tag, b in batches.items()}
     for _ in range(4):
