@@ -24,9 +24,10 @@ A group of either kind starts at once while fewer than `max_groups` of that kind
 progress, so a lone batch at low load waits for nobody; under load, the batches that came
 meanwhile form the next group. The groups in progress share their syncs (`SharedSync`): a
 syncfs or directory fsync that starts after a group asked for it serves every group that
-asked meanwhile, so the disk sees about one flush per step however many groups wait. Only after its rename group does a batch's future resolve
-(or fail with OSError / `Abandoned`, for that batch alone), and its deliveries can be
-acked. A kill at any point leaves temporary files (removed at start-up; their deliveries
+asked meanwhile, so the disk sees about one flush per step however many groups wait.
+
+Only after its rename group does a batch's future resolve (or fail with OSError /
+`Abandoned`, for that batch alone), and its deliveries can be acked. A kill at any point leaves temporary files (removed at start-up; their deliveries
 were never acked) and records whose files are in place or not: the ledger counts a record
 only if its file is there and the directory was synced since.
 """
