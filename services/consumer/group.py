@@ -27,9 +27,10 @@ syncfs or directory fsync that starts after a group asked for it serves every gr
 asked meanwhile, so the disk sees about one flush per step however many groups wait.
 
 Only after its rename group does a batch's future resolve (or fail with OSError /
-`Abandoned`, for that batch alone), and its deliveries can be acked. A kill at any point leaves temporary files (removed at start-up; their deliveries
-were never acked) and records whose files are in place or not: the ledger counts a record
-only if its file is there and the directory was synced since.
+`Abandoned`, for that batch alone), and its deliveries can be acked. A kill at any point
+leaves temporary files (removed at start-up; their deliveries were never acked) and records
+whose files are in place or not: the ledger counts a record only if its file is there and
+the directory was synced since.
 """
 
 from __future__ import annotations
