@@ -12,8 +12,9 @@ request's entries of one shard). The header `x-adp-parts` lists them in order, e
 
 The consumer records, per part id, which entries are already in batch files (the ledger)
 and writes only the others. A message without the header (the Go original's, or one
-published by hand) is one part named by its `message_id`; without a `message_id` it cannot
-be de-duplicated.
+published by hand) is one part named by its `message_id` and a digest of its body; without
+a `message_id` it cannot be de-duplicated. A header that is there but does not parse
+(or does not add up to the body's entries) sends the message to the poison path.
 
 Freshness: the header `x-adp-accepted-ms` holds when the message's entries were accepted —
 the API's wall clock, in integer milliseconds since the Unix epoch, taken when a request
@@ -27,6 +28,7 @@ a value that is not a positive integer is not measured.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 PARTS_HEADER = "x-adp-parts"
@@ -62,28 +64,50 @@ def part_spec(count: int, keyed_id: str | None) -> str:
     return str(count) if keyed_id is None else f"{count}@{keyed_id}"
 
 
-def parse_parts(header: object, message_id: str | None, total: int) -> list[Part]:
-    """The parts of a received message of `total` entries. A header that is missing,
-    malformed or does not add up to `total` makes the message one part."""
+class InvalidParts(ValueError):
+    """The parts header is present but does not parse: the message goes to the poison
+    path with this reason (it cannot be named for de-duplication)."""
+
+
+# A count is 1-9 ASCII digits (no message holds a billion entries); `str.isdigit` would
+# also take "²", which `int` refuses.
+_COUNT = re.compile(r"[0-9]{1,9}")
+_KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+HEADER_MAX_LENGTH = 65536
+
+
+def parse_parts(header: object, message_id: str | None, total: int, body: bytes) -> list[Part]:
+    """The parts of a received message of `total` entries (its `body` as received).
+    Without the header (the Go original's messages, or one published by hand), the message
+    is one part, named by its `message_id` and a digest of its body: a reused
+    `message_id` with another body is another part, so its entries cannot be taken for
+    the first message's. Raises InvalidParts when the header is there but malformed."""
+    if header is None or header in ("", b""):
+        if not message_id:
+            return [Part(None, 0, total)]  # not identifiable
+        digest = hashlib.blake2b(body, digest_size=12, person=b"adp-body").hexdigest()
+        return [Part(f"{message_id}#{digest}", 0, total)]
     if isinstance(header, bytes):
         header = header.decode("ascii", "replace")
-    if isinstance(header, str) and header:
-        parts: list[Part] = []
-        start = 0
-        for position, spec in enumerate(header.split(",")):
-            count_text, _, keyed = spec.partition("@")
-            if not count_text.isdigit():
-                break
-            end = start + int(count_text)
-            if keyed:
-                parts.append(Part(keyed, start, end, keyed=True))
-            else:
-                parts.append(Part(f"{message_id}/{position}" if message_id else None, start, end))
-            start = end
+    if not isinstance(header, str):
+        raise InvalidParts(f"{PARTS_HEADER} header is a {type(header).__name__}, not text")
+    if len(header) > HEADER_MAX_LENGTH:
+        raise InvalidParts(f"{PARTS_HEADER} header longer than {HEADER_MAX_LENGTH} characters")
+    parts: list[Part] = []
+    start = 0
+    for position, spec in enumerate(header.split(",")):
+        count_text, at, keyed = spec.partition("@")
+        if not _COUNT.fullmatch(count_text) or (at and not _KEY_ID.fullmatch(keyed)):
+            raise InvalidParts(f"{PARTS_HEADER} header: part {position} {spec[:40]!r} malformed")
+        end = start + int(count_text)
+        if keyed:
+            parts.append(Part(keyed, start, end, keyed=True))
         else:
-            if start == total:
-                return parts
-    return [Part(message_id or None, 0, total)]
+            parts.append(Part(f"{message_id}/{position}" if message_id else None, start, end))
+        start = end
+    if start != total:
+        raise InvalidParts(f"{PARTS_HEADER} header counts {start} entries, the body {total}")
+    return parts
 
 
 def accepted_ms(now: float) -> int:
@@ -97,7 +121,9 @@ def parse_accepted(header: object) -> float | None:
     a message published by hand)."""
     if isinstance(header, bytes | str):
         text = header.decode("ascii", "replace") if isinstance(header, bytes) else header
-        header = int(text) if text.isascii() and text.isdigit() else None
+        # Bounded: int() of thousands of digits raises (and no epoch needs 17).
+        digits = text.isascii() and text.isdigit() and len(text) <= 16
+        header = int(text) if digits else None
     if isinstance(header, int) and not isinstance(header, bool) and header > 0:
         return header / 1000
     return None

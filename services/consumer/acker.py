@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from services.common.broker import CONNECTIVITY_ERRORS
 from services.consumer.batch import Batch, Delivery
 from services.consumer.freshness import Freshness
-from services.consumer.ledger import Ledger
 from services.consumer.metrics import ConsumerMetrics
 
 log = logging.getLogger(__name__)
@@ -24,20 +24,24 @@ class Acker:
     def __init__(
         self,
         metrics: ConsumerMetrics,
-        ledger: Ledger | None = None,
+        on_acked: Callable[[Delivery], None] = lambda delivery: None,
         freshness: Freshness | None = None,
     ) -> None:
+        """`on_acked(delivery)`: its ack was sent (the ledger settles its parts later);
+        `freshness`: told of each batch as it becomes durable, before its acks."""
         self._metrics = metrics
-        self._ledger = ledger
+        self._on_acked = on_acked
         self._freshness = freshness
         self.acked = 0
 
     async def batch_written(self, batch: Batch) -> None:
+        """The one point where a written batch becomes acked: every delivery it completes
+        is acked (its entries are all in durable files now)."""
         if self._freshness is not None:
             self._freshness.durable(batch)
-        for delivery, count, _ in batch.sources:
-            if delivery.written(count):
-                await self.ack(delivery)
+        for source in batch.sources:
+            if source.delivery.written(source.settles):
+                await self.ack(source.delivery)
 
     async def ack(self, delivery: Delivery) -> None:
         try:
@@ -47,8 +51,7 @@ class Acker:
             log.info("ack lost with its channel (%s); the broker will redeliver", exc)
         else:
             self.acked += 1
-            if self._ledger is not None:
-                self._ledger.acked(delivery)
+            self._on_acked(delivery)
 
     async def requeue(self, delivery: Delivery) -> None:
         """Give a message back to the broker, for another attempt."""

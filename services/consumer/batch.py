@@ -13,9 +13,11 @@ pool's queue.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.abc import AbstractChannel as RawChannel
@@ -40,11 +42,29 @@ class Delivery:
     # The channel it came on, taken at arrival: aio-pika's `message.channel` raises once
     # the channel is closed, which is exactly when it matters here.
     channel: RawChannel | None = None
+    # Where each part starts, in order (parts are contiguous): a batch finds the parts its
+    # slice of the delivery overlaps by bisection, not by walking them all (a message the
+    # API grouped can hold thousands of parts, spread over hundreds of batches).
+    starts: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.starts:
+            self.starts = [part.start for part in self.parts]
+
+    def overlapping(self, start: int, end: int) -> Iterator[Part]:
+        """The parts holding entries in [start, end), in order."""
+        i = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        parts = self.parts
+        while i < len(parts) and parts[i].start < end:
+            yield parts[i]
+            i += 1
 
     @classmethod
     def of(cls, message: AbstractIncomingMessage, count: int) -> Delivery:
-        """A delivery of `count` valid entries, named for the ledger."""
-        parts = parse_parts(message.headers.get(PARTS_HEADER), message.message_id, count)
+        """A delivery of `count` valid entries, named for the ledger. Raises
+        `InvalidParts` for a malformed parts header (a poison message)."""
+        header = message.headers.get(PARTS_HEADER)
+        parts = parse_parts(header, message.message_id, count, message.body)
         check = bool(message.redelivered) or any(part.keyed for part in parts)
         return cls(message, count, parts=tuple(parts), check=check, channel=message.channel)
 
@@ -63,47 +83,74 @@ class Delivery:
         return False
 
 
+Span = tuple[str, int, int]
+"""What a file holds of one part, for the ledger: (part id, first, end), indices in the
+part's own numbering."""
+
+
+class Source(NamedTuple):
+    """A delivery's share of a batch."""
+
+    delivery: Delivery
+    settles: int  # how many of its entries this batch settles
+    start: int  # index of the first of them in the delivery
+
+
+class _Fate:
+    """Whether a batch's write may still make its file. A worker that times out abandons
+    the batch while its write may still run in a thread: the write commits (renames) only
+    if the batch was not abandoned, and the abandon succeeds only if it did not commit.
+    The lock makes the two exclusive. Shared by the views of one attempt (`only`,
+    `without_stale`), so the worker's abandon reaches the write the sink makes of it."""
+
+    __slots__ = ("lock", "state")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.state = "open"  # open -> committed | abandoned
+
+
 @dataclass(eq=False, slots=True)
 class Batch:
     """Entries bound for one file, and the deliveries they came from (with how many)."""
 
     shard: int
     entries: list[Entry] = field(default_factory=list)
-    # (delivery, how many of its entries this batch settles, index of the first of them in
-    # the delivery). Normally `entries` is the concatenation of those slices; a batch the
-    # ledger trimmed (`only`) writes fewer entries but still settles them all.
-    sources: list[tuple[Delivery, int, int]] = field(default_factory=list)
+    # Normally `entries` is the concatenation of the sources' slices; a batch the ledger
+    # trimmed (`only`) writes fewer entries but still settles them all.
+    sources: list[Source] = field(default_factory=list)
     attempts: int = 0
-    # What the file holds, for the ledger: (part id, first, end) ranges, in file order.
-    spans: list[tuple[str, int, int]] = field(default_factory=list)
-    # A worker that times out is abandoned while its write may still be running in a
-    # thread: the write commits (renames) only if the batch was not abandoned, and the
-    # abandon succeeds only if it did not commit. The lock makes the two exclusive.
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _state: str = "open"  # open -> committed | abandoned
+    spans: list[Span] = field(default_factory=list)  # what the file holds, in file order
+    _fate: _Fate = field(default_factory=_Fate)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def add(self, delivery: Delivery, entries: list[Entry], start: int = 0) -> None:
         self.entries.extend(entries)
-        self.sources.append((delivery, len(entries), start))
+        self.sources.append(Source(delivery, len(entries), start))
 
     def commit(self) -> bool:
         """Called by the writer just before the rename: False if it was abandoned."""
-        with self._lock:
-            if self._state == "abandoned":
+        fate = self._fate
+        with fate.lock:
+            if fate.state == "abandoned":
                 return False
-            self._state = "committed"
+            fate.state = "committed"
             return True
 
     def abandon(self) -> bool:
         """Called when its worker timed out: False if the write already committed."""
-        with self._lock:
-            if self._state == "committed":
+        fate = self._fate
+        with fate.lock:
+            if fate.state == "committed":
                 return False
-            self._state = "abandoned"
+            fate.state = "abandoned"
             return True
+
+    @property
+    def abandoned(self) -> bool:
+        return self._fate.state == "abandoned"
 
     def without_stale(self) -> Batch:
         """This batch without the entries of stale deliveries (itself if there are none).
@@ -111,15 +158,14 @@ class Batch:
         if not any(delivery.stale for delivery, _, _ in self.sources):
             return self
         entries: list[Entry] = []
-        sources: list[tuple[Delivery, int, int]] = []
+        sources: list[Source] = []
         offset = 0
         for source in self.sources:
-            delivery, count, _ = source
-            if not delivery.stale:
-                entries.extend(self.entries[offset : offset + count])
+            if not source.delivery.stale:
+                entries.extend(self.entries[offset : offset + source.settles])
                 sources.append(source)
-            offset += count
-        return Batch(self.shard, entries, sources, self.attempts)
+            offset += source.settles
+        return Batch(self.shard, entries, sources, self.attempts, _fate=self._fate)
 
     def ranges(self) -> Iterator[tuple[Delivery, Part, int, int, int]]:
         """For each part of each source: its delivery, the part, (first, end) in the part's
@@ -128,7 +174,7 @@ class Batch:
         offset = 0
         for delivery, count, start in self.sources:
             end = start + count
-            for part in delivery.parts:
+            for part in delivery.overlapping(start, end):
                 first, last = max(start, part.start), min(end, part.end)
                 if first < last:
                     yield (
@@ -140,18 +186,18 @@ class Batch:
                     )
             offset += count
 
-    def only(self, entries: list[Entry], spans: list[tuple[str, int, int]]) -> Batch:
+    def only(self, entries: list[Entry], spans: list[Span]) -> Batch:
         """This batch writing only `entries` (the ledger found the rest already written),
         still settling every source."""
-        return Batch(self.shard, entries, self.sources, self.attempts, spans)
+        return Batch(self.shard, entries, self.sources, self.attempts, spans, self._fate)
 
     def retry(self) -> Batch:
         """The same entries as a fresh batch for the next attempt. A fresh object, because
         the abandoned write may still be running in its thread and must keep seeing
         "abandoned". An attempt may have put the file in place before it failed (the
         directory sync, say), so its deliveries are looked up in the ledger from now on."""
-        for delivery, _, _ in self.sources:
-            delivery.check = True
+        for source in self.sources:
+            source.delivery.check = True
         return Batch(self.shard, self.entries, self.sources, self.attempts + 1)
 
 

@@ -34,6 +34,13 @@ class ConsumerMetrics:
             buckets=SIZE_BUCKETS,
             registry=registry,
         )
+        self.group_batches = Histogram(
+            "adp_consumer_group_commit_batches",
+            "Batch files made durable together by one group commit (one ledger fdatasync "
+            "and one directory fsync for all of them).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "adp_consumer_queue_depth",
             "Ready messages in the shard's queue at the last reading.",

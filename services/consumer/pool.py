@@ -28,7 +28,6 @@ from typing import Literal
 from services.consumer.acker import Acker
 from services.consumer.batch import Batch
 from services.consumer.history import StopReason, WorkerHistory, WorkerRecord
-from services.consumer.ledger import Ledger
 from services.consumer.metrics import ConsumerMetrics
 from services.consumer.sink import Sink
 
@@ -113,10 +112,8 @@ class Pool:
         workers_min: int,
         workers_max: int,
         timeout: float,
-        ledger: Ledger | None = None,
     ) -> None:
         self.shard = shard
-        self._ledger = ledger
         self.workers_min = workers_min
         self.workers_max = workers_max
         self.queue = BatchQueue()
@@ -233,10 +230,13 @@ class Pool:
             self._spawn(worker.record.slot, retry, pause=1.0 if reason == "error" else 0.0)
         elif retry is not None:
             self.queue.put(retry, front=True)
-            self._check_idle()
+        # Only now that a retry is handed on (the fresh generation counts as busy).
+        self._check_idle()
 
     async def _serve(self, worker: _Worker) -> tuple[StopReason, Batch | None]:
-        while not worker.retiring:
+        # A fresh generation's first batch (a retry) is written even if the slot was told
+        # to retire meanwhile: "a retiring worker finishes its batch first".
+        while not worker.retiring or worker.first is not None:
             if worker.first is not None:
                 batch, worker.first = worker.first, None
             else:
@@ -248,37 +248,23 @@ class Pool:
                 outcome = await self._write(worker, batch)
             except Exception:
                 log.exception("worker %s failed on a batch; restarting it", worker.record.id)
-                return "error", batch.retry()
+                return "error", batch.retry()  # still busy: `_run` hands the retry on
             finally:
-                worker.busy = False
                 worker.current = None
-                self._check_idle()
             if outcome == "timeout":
                 return "timeout", batch.retry()
+            worker.busy = False
+            self._check_idle()
         return "scale-down", None
 
     async def _write(self, worker: _Worker, batch: Batch) -> Outcome:
         live = batch.without_stale()
         if not live.entries:
             return "written"  # every source's channel died: the broker redelivers them all
-        if self._ledger is None:
-            return await self._write_live(worker, batch, live)
-        try:
-            live = await self._ledger.admit(live)
-        except OSError as exc:  # its logs unreadable: the volume's trouble, as a write's
-            await self._write_failed(worker, batch, exc)
-            return "retry"
-        try:
-            if not live.entries:  # all already in files: settle, write nothing
-                await asyncio.shield(self._acker.batch_written(live))
-                return "written"
-            return await self._write_live(worker, batch, live)
-        finally:
-            self._ledger.release(live)
-
-    async def _write_live(self, worker: _Worker, batch: Batch, live: Batch) -> Outcome:
         record = worker.record
         started = time.perf_counter()
+        # The sink's whole write is bounded, its ledger lookup included: a worker stuck on
+        # a hung volume is replaced.
         write = asyncio.ensure_future(self._sink.write(live, record.id))
         try:
             done, _ = await asyncio.wait({write}, timeout=self._timeout)
@@ -295,21 +281,22 @@ class Pool:
             # Wait for it, then ack as usual; never ack before the sink returns.
             await asyncio.wait({write})
         try:
-            write.result()
+            written = write.result()
         except OSError as exc:
             await self._write_failed(worker, batch, exc)
             return "retry"
-        self._metrics.batch_seconds.observe(time.perf_counter() - started)
         self.write_ok = True
         self._errors_in_a_row = 0
-        # Counted before the acks: a cancellation while they go out (shutdown, retirement)
-        # must not lose the count, and it does not stop them (shielded).
-        self._metrics.batch_entries.observe(len(live))
-        self._metrics.batches.labels(self._label).inc()
-        self._metrics.processed.labels(self._label, record.id).inc(len(live))
-        record.entries += len(live)
-        record.batches += 1
-        await asyncio.shield(self._acker.batch_written(live))
+        if written.entries:  # (none: all were in files already; settled, nothing written)
+            self._metrics.batch_seconds.observe(time.perf_counter() - started)
+            # Counted before the acks: a cancellation while they go out (shutdown,
+            # retirement) must not lose the count, and it does not stop them (shielded).
+            self._metrics.batch_entries.observe(len(written))
+            self._metrics.batches.labels(self._label).inc()
+            self._metrics.processed.labels(self._label, record.id).inc(len(written))
+            record.entries += len(written)
+            record.batches += 1
+        await asyncio.shield(self._acker.batch_written(written))
         return "written"
 
     def _timed_out(self, record: WorkerRecord, batch: Batch) -> None:

@@ -31,13 +31,13 @@ async def serve(
     stop: asyncio.Event,
     *,
     registry: CollectorRegistry | None = None,
-    sink: Sink | None = None,
+    wrap_sink: Callable[[Sink], Sink] | None = None,
     started: Callable[[ConsumerService, int], Awaitable[None] | None] | None = None,
 ) -> None:
     """Run until `stop` is set, then drain. `started(service, http_port)` is called once
     both are up (tests use it to find the port)."""
     registry = registry if registry is not None else new_registry()
-    async with ConsumerService(settings, registry, sink=sink) as service:
+    async with ConsumerService(settings, registry, wrap_sink=wrap_sink) as service:
         server = embedded_server(
             create_app(service, registry), settings.metrics_host, settings.metrics_port
         )

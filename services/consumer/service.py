@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
@@ -34,10 +35,12 @@ from prometheus_client import CollectorRegistry
 from services.common.broker import CONNECTIVITY_ERRORS, Broker, BrokerMetrics
 from services.common.schema import InvalidEntries, parse_message
 from services.common.topology import Topology
+from services.common.wire import InvalidParts
 from services.consumer.acker import Acker
 from services.consumer.autoscaler import Autoscaler
 from services.consumer.batch import Batcher, Delivery
 from services.consumer.freshness import Freshness
+from services.consumer.group import MAX_GROUPS
 from services.consumer.history import WorkerHistory
 from services.consumer.ledger import Ledger
 from services.consumer.metrics import ConsumerMetrics
@@ -53,6 +56,8 @@ DIRECTORY_CHECK_SECONDS = 5.0
 CLOSE_TIMEOUT_SECONDS = 3.0
 # How often acked deliveries are confirmed applied (a barrier) and forgotten by the ledger.
 SETTLE_SECONDS = 2.0
+# A poison message neither dead-lettered nor kept goes back to the queue after this pause.
+REQUEUE_PAUSE_SECONDS = 1.0
 DEAD_LETTER_ERRORS: tuple[type[BaseException], ...] = (
     DeliveryError,
     TimeoutError,
@@ -91,32 +96,38 @@ class ConsumerService:
         settings: ConsumerSettings,
         registry: CollectorRegistry,
         *,
-        sink: Sink | None = None,
+        wrap_sink: Callable[[Sink], Sink] | None = None,
     ) -> None:
+        """`wrap_sink`: tests hand in a wrapper around the service's own sink (a slow or
+        failing one), through the `Sink` protocol."""
         self.settings = settings
         self.metrics = ConsumerMetrics(registry)
         self.history = WorkerHistory(settings.history_limit)
         self.topology = Topology.from_settings(settings)
+        # A writer thread per batch that can be in progress at once (a worker's), plus the
+        # group commits in progress (record and rename groups).
         self._executor = ThreadPoolExecutor(
-            max_workers=settings.shards_count * settings.workers_max + 2,
+            max_workers=settings.shards_count * settings.workers_max + 2 * MAX_GROUPS,
             thread_name_prefix="adp-write",
         )
-        if sink is None:
-            ledger = None
-            if settings.exactly_once:
-                ledger = Ledger(
-                    settings.data_output_dir,
-                    safe_host(settings.host_name),
-                    retention=settings.ledger_retention_seconds,
-                    max_parts=settings.ledger_max_parts,
-                )
-            sink = FileSink(settings.data_output_dir, settings.host_name, self._executor, ledger)
-        self.sink = sink
-        self.ledger = sink.ledger
-        if self.ledger is not None:
-            self._count_ledger(self.ledger)
+        # The sink owns the ledger; the service keeps it only to settle acked messages.
+        ledger = self._new_ledger(settings) if settings.exactly_once else None
+        self.ledger = ledger
+        sink: Sink = FileSink(
+            settings.data_output_dir,
+            settings.host_name,
+            self._executor,
+            ledger,
+            sync=settings.sync_mode,
+            on_group=self.metrics.group_batches.observe,
+        )
+        self.sink = wrap_sink(sink) if wrap_sink is not None else sink
         self.freshness = Freshness(registry, settings.shards_count)
-        self.acker = Acker(self.metrics, self.ledger, self.freshness)
+        self.acker = Acker(
+            self.metrics,
+            ledger.acked if ledger is not None else _nothing,
+            freshness=self.freshness,
+        )
         self.pools = [
             Pool(
                 shard,
@@ -127,7 +138,6 @@ class ConsumerService:
                 workers_min=settings.workers_min,
                 workers_max=settings.workers_max,
                 timeout=settings.worker_timeout_seconds,
-                ledger=self.ledger,
             )
             for shard in range(settings.shards_count)
         ]
@@ -151,11 +161,18 @@ class ConsumerService:
         self._directory_ok = True
         self.metrics.broker_connected.set_function(lambda: float(self._broker.connected))
 
-    def _count_ledger(self, ledger: Ledger) -> None:
+    def _new_ledger(self, settings: ConsumerSettings) -> Ledger:
         duplicates = self.metrics.duplicates
-        ledger.on_skip = lambda shard, count: duplicates.labels(str(shard)).inc(count)
-        ledger.on_forget = self.metrics.ledger_forgotten.inc
+        ledger = Ledger(
+            settings.data_output_dir,
+            safe_host(settings.host_name),
+            retention=settings.ledger_retention_seconds,
+            max_parts=settings.ledger_max_parts,
+            on_forget=self.metrics.ledger_forgotten.inc,
+            on_skip=lambda shard, count: duplicates.labels(str(shard)).inc(count),
+        )
         self.metrics.ledger_parts.set_function(lambda: ledger.parts)
+        return ledger
 
     def pools_state(self) -> list[dict[str, int]]:
         """Per shard: live workers and bounds, busy workers, queued batches, and entries
@@ -302,10 +319,10 @@ class ConsumerService:
                 redeliveries.inc()
             try:
                 entries = parse_message(message.body)
-            except InvalidEntries as exc:
+                delivery = Delivery.of(message, len(entries))
+            except (InvalidEntries, InvalidParts) as exc:
                 await self._reject(shard, message, str(exc))
                 return
-            delivery = Delivery.of(message, len(entries))
             self.freshness.arrived(shard, delivery)
             batcher.add(delivery, entries)
 
@@ -321,7 +338,14 @@ class ConsumerService:
             try:
                 where = await self.sink.reject(message.body, reason, message.message_id)
             except OSError as exc:
-                log.warning("could not keep a rejected message (%s); requeueing it", exc)
+                log.warning(
+                    "could not keep a rejected message (%s); requeueing it in %gs",
+                    exc,
+                    REQUEUE_PAUSE_SECONDS,
+                )
+                # Not at once: with the dead-letter channel and the volume both failing, an
+                # immediate requeue would bring it straight back, in a tight loop.
+                await asyncio.sleep(REQUEUE_PAUSE_SECONDS)
                 await self.acker.requeue(Delivery(message, 0))
                 return
         self.metrics.rejected.labels(str(shard)).inc()
@@ -396,3 +420,7 @@ class ConsumerService:
         while True:
             await asyncio.sleep(self.settings.history_log_interval_seconds)
             log.info("worker history:\n%s", self.history.table())
+
+
+def _nothing(delivery: Delivery) -> None:
+    """No ledger: an ack settles nothing more."""

@@ -3,11 +3,12 @@ fsynced. A file under its final name is always complete.
 
 File name: `<host>_<shard>-<slot>_<UTC time>_<seq>.jsonl` (host = pod name, so replicas
 sharing a volume never collide). Temporary files and everything else the consumer keeps
-here start with "." (`.<name>.tmp`, `.rejected/`, `.ledger/`). With a ledger, each file
-is recorded there (durably) just before its rename, and confirmed just after.
+here start with "." (`.<name>.tmp`, `.rejected/`, `.ledger/`).
 
-The blocking work runs on the executor the sink is given (one thread per possible worker,
-so a slow disk delays only the batches on it).
+The file sink owns the ledger, if there is one: `write` admits the batch (leaves out what
+is already in files), has the group commit (`group.GroupCommit`) make its file durable
+together with the other batches ready at the same time, and returns what the pool acks.
+The blocking work runs on the executor the sink is given.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import itertools
 import logging
 import os
 import re
+from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,30 +28,27 @@ from pydantic_core import to_json
 
 from services.consumer.batch import Batch
 from services.consumer.files import fsync_directory, write_durably
+from services.consumer.group import Abandoned, GroupCommit, SyncMode
 from services.consumer.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
 REJECTED_DIR = ".rejected"
 
-
-class Abandoned(Exception):
-    """The batch's worker timed out before the write committed; the file was not made."""
+__all__ = ["Abandoned", "FileSink", "Sink", "safe_host"]
 
 
 class Sink(Protocol):
     """Where batches go. `write` returns once the batch is durable (or raises OSError, or
-    `Abandoned`); it must commit through `batch.commit()` just before making it visible,
-    and record the file in its ledger, if it has one, as `FileSink` does."""
-
-    @property
-    def ledger(self) -> Ledger | None:
-        """What the pool consults before a write (None: at-least-once)."""
+    `Abandoned`): the batch whose deliveries may now be acked (with a ledger, it may write
+    fewer entries than it was given, and still settle them all). It must commit through
+    `batch.commit()` just before making the file visible, so a worker that timed out can
+    abandon it."""
 
     def prepare(self) -> int:
         """Make the destination ready at start-up; returns leftovers cleaned up."""
 
-    async def write(self, batch: Batch, worker: str) -> str: ...
+    async def write(self, batch: Batch, worker: str) -> Batch: ...
 
     async def reject(self, body: bytes, reason: str, message_id: str | None) -> str: ...
 
@@ -64,19 +63,29 @@ def safe_host(name: str) -> str:
 
 class FileSink:
     def __init__(
-        self, directory: Path, host: str, executor: Executor, ledger: Ledger | None = None
+        self,
+        directory: Path,
+        host: str,
+        executor: Executor,
+        ledger: Ledger | None = None,
+        *,
+        sync: SyncMode = "group",
+        on_group: Callable[[int], None] = lambda batches: None,
     ) -> None:
         self.directory = directory
         self._ledger = ledger
         self._host = safe_host(host)
         self._executor = executor
+        self._group = GroupCommit(
+            directory,
+            executor,
+            ledger.log if ledger is not None else None,
+            sync=sync,
+            on_group=on_group,
+        )
         # Its own thread, so a probe is not stuck behind writes hung on the same disk.
         self._check_executor = ThreadPoolExecutor(1, thread_name_prefix="adp-check")
         self._seq = itertools.count(1)
-
-    @property
-    def ledger(self) -> Ledger | None:
-        return self._ledger
 
     def prepare(self) -> int:
         """Create the directory; remove this host's temporary files left by a crash (their
@@ -90,9 +99,31 @@ class FileSink:
             self._ledger.open()
         return removed
 
-    async def write(self, batch: Batch, worker: str) -> str:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._write, batch, worker)
+    async def write(self, batch: Batch, worker: str) -> Batch:
+        ledger = self._ledger
+        if ledger is None:
+            await asyncio.shield(self._group.submit(batch, self._name(worker)))
+            return batch
+        admitted = await ledger.admit(batch)
+        if not admitted.entries:  # all already in files: settle, write nothing
+            ledger.release(admitted)
+            return admitted
+        done = self._group.submit(admitted, self._name(worker))
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            # The worker stopped waiting. Unless it could abandon the batch, the file is
+            # being renamed now: its claims stay until that is over, so no copy is admitted
+            # before its record is known.
+            if admitted.abandon():
+                ledger.release(admitted)
+            else:
+                done.add_done_callback(lambda _: ledger.release(admitted))
+            raise
+        finally:
+            if done.done():
+                ledger.release(admitted)
+        return admitted
 
     async def reject(self, body: bytes, reason: str, message_id: str | None) -> str:
         loop = asyncio.get_running_loop()
@@ -106,37 +137,12 @@ class FileSink:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         return f"{self._host}_{worker}_{stamp}_{next(self._seq):08d}.jsonl"
 
-    def _write(self, batch: Batch, worker: str) -> str:
-        name = self._name(worker)
-        data = b"".join([to_json(entry) + b"\n" for entry in batch.entries])
-        final = self.directory / name
-        temporary = self.directory / f".{name}.tmp"
-        ledger = self._ledger
-        try:
-            write_durably(temporary, data)
-            if not batch.commit():
-                raise Abandoned(name)
-            if ledger is not None:
-                ledger.record(name, batch.spans)  # durable before the file is visible
-            os.rename(temporary, final)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            if ledger is not None:
-                ledger.abort(name)
-            raise
-        try:
-            fsync_directory(self.directory)
-        finally:
-            # In place even if the sync failed: the batch is retried then, and the retry
-            # finds these entries written instead of writing them again.
-            if ledger is not None:
-                ledger.confirm(name, batch.spans)
-        return name
-
     def _reject(self, body: bytes, reason: str, message_id: str | None) -> str:
         """Keep an unreadable message's body (nothing is thrown away), then it can be acked."""
         folder = self.directory / REJECTED_DIR
-        folder.mkdir(exist_ok=True)
+        if not folder.is_dir():
+            folder.mkdir(exist_ok=True)
+            fsync_directory(self.directory)  # the folder's own entry is durable too
         name = f"{self._name('rejected')[:-6]}.json"
         document = {"reason": reason, "message_id": message_id, "body": body.decode("latin-1")}
         temporary = folder / f".{name}.tmp"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +14,6 @@ import httpx
 
 from services.common.metrics import new_registry
 from services.consumer.batch import Batch
-from services.consumer.ledger import Ledger
 from services.consumer.runner import serve
 from services.consumer.service import ConsumerService
 from services.consumer.settings import ConsumerSettings
@@ -34,8 +33,9 @@ class RunningConsumer:
 
 @asynccontextmanager
 async def run_consumer(
-    settings: ConsumerSettings, sink: Sink | None = None
+    settings: ConsumerSettings, wrap_sink: Callable[[Sink], Sink] | None = None
 ) -> AsyncIterator[RunningConsumer]:
+    """The consumer service with its HTTP server; `wrap_sink` wraps its own sink."""
     stop = asyncio.Event()
     ready: asyncio.Future[tuple[ConsumerService, int]] = asyncio.get_running_loop().create_future()
 
@@ -43,7 +43,13 @@ async def run_consumer(
         ready.set_result((service, port))
 
     task = asyncio.create_task(
-        serve(settings, stop, registry=new_registry(process=False), sink=sink, started=started)
+        serve(
+            settings,
+            stop,
+            registry=new_registry(process=False),
+            wrap_sink=wrap_sink,
+            started=started,
+        )
     )
     try:
         waits: set[asyncio.Future[Any]] = {ready, task}
@@ -73,14 +79,10 @@ class WrappedSink:
     def __init__(self, inner: Sink) -> None:
         self.inner = inner
 
-    @property
-    def ledger(self) -> Ledger | None:
-        return self.inner.ledger
-
     def prepare(self) -> int:
         return self.inner.prepare()
 
-    async def write(self, batch: Batch, worker: str) -> str:
+    async def write(self, batch: Batch, worker: str) -> Batch:
         return await self.inner.write(batch, worker)
 
     async def reject(self, body: bytes, reason: str, message_id: str | None) -> str:
@@ -100,7 +102,7 @@ class SlowSink(WrappedSink):
         self.slow_batches = slow_batches
         self.calls = 0
 
-    async def write(self, batch: Batch, worker: str) -> str:
+    async def write(self, batch: Batch, worker: str) -> Batch:
         self.calls += 1
         if self.slow_batches is None or self.calls <= self.slow_batches:
             await asyncio.sleep(self.delay)

@@ -8,7 +8,6 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import pytest
 from aio_pika.abc import AbstractConnection
 
 from services.common.topology import Topology
-from services.consumer.sink import FileSink
 from tests.integration.consumer.conftest import Settings
 from tests.support.consumer import (
     RunningConsumer,
@@ -28,7 +26,7 @@ from tests.support.consumer import (
 )
 from tests.support.polling import eventually
 from tests.support.publish import entries, publish
-from tests.support.queues import depth
+from tests.support.queues import depth, queue_counts
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.rabbitmq
@@ -180,31 +178,29 @@ async def test_backlog_grows_the_pool_to_max_then_it_shrinks_back(
         scale_down_cooldown_seconds=1.5,
     )
     await publish(amqp, topo, entries(1500, "b"), per_message=1)
-    with ThreadPoolExecutor(8) as executor:
-        sink = SlowSink(FileSink(config.data_output_dir, "testhost", executor), delay=0.02)
-        async with run_consumer(config, sink=sink) as consumer:
-            samples: list[int] = []
+    async with run_consumer(config, lambda sink: SlowSink(sink, delay=0.02)) as consumer:
+        samples: list[int] = []
 
-            async def sample_throughout() -> None:
-                while True:
-                    samples.append(consumer.live()[0])
-                    await asyncio.sleep(0.01)
+        async def sample_throughout() -> None:
+            while True:
+                samples.append(consumer.live()[0])
+                await asyncio.sleep(0.01)
 
-            async def live_becomes(size: int, timeout: float) -> None:
-                async def probe() -> bool:
-                    return consumer.live()[0] == size
+        async def live_becomes(size: int, timeout: float) -> None:
+            async def probe() -> bool:
+                return consumer.live()[0] == size
 
-                await eventually(probe, timeout=timeout, interval=0.01, what=f"{size} live")
+            await eventually(probe, timeout=timeout, interval=0.01, what=f"{size} live")
 
-            sampler = asyncio.create_task(sample_throughout())
-            try:
-                await live_becomes(4, timeout=15)
-                await lines_reach(config.data_output_dir, 1500, timeout=60)
-                await live_becomes(3, timeout=15)
-            finally:
-                sampler.cancel()
-            workers = (await consumer.http.get("/workers")).json()["workers"]
-            metrics = (await consumer.http.get("/metrics")).text
+        sampler = asyncio.create_task(sample_throughout())
+        try:
+            await live_becomes(4, timeout=15)
+            await lines_reach(config.data_output_dir, 1500, timeout=60)
+            await live_becomes(3, timeout=15)
+        finally:
+            sampler.cancel()
+        workers = (await consumer.http.get("/workers")).json()["workers"]
+        metrics = (await consumer.http.get("/metrics")).text
     assert set(samples) == {3, 4}  # sampled every 10 ms from start to end: never outside
     assert samples[0] == 3
     assert [w for w in workers if w["stop_reason"] == "scale-down"]
@@ -223,14 +219,12 @@ async def test_a_batch_slower_than_the_timeout_is_written_once_by_a_fresh_worker
 ) -> None:
     topo = topology(shards_count=1)
     config = settings(topo, batch_size=5, worker_timeout_seconds=0.5)
-    with ThreadPoolExecutor(4) as executor:
-        sink = SlowSink(FileSink(config.data_output_dir, "testhost", executor), 2.0, 1)
-        async with run_consumer(config, sink=sink) as consumer:
-            await publish(amqp, topo, entries(5, "t"), per_message=5)
-            lines = await lines_reach(config.data_output_dir, 5, timeout=10)
-            await asyncio.sleep(2.0)  # the abandoned write would have finished by now
-            workers = (await consumer.http.get("/workers")).json()["workers"]
-            metrics = (await consumer.http.get("/metrics")).text
+    async with run_consumer(config, lambda sink: SlowSink(sink, 2.0, 1)) as consumer:
+        await publish(amqp, topo, entries(5, "t"), per_message=5)
+        lines = await lines_reach(config.data_output_dir, 5, timeout=10)
+        await asyncio.sleep(2.0)  # the abandoned write would have finished by now
+        workers = (await consumer.http.get("/workers")).json()["workers"]
+        metrics = (await consumer.http.get("/metrics")).text
     assert sorted(e["value"] for e in written_lines(config.data_output_dir)) == sorted(
         e["value"] for e in lines
     )
@@ -350,3 +344,42 @@ async def test_quorum_queues_are_consumed_the_same(
     finally:
         async with amqp.channel() as channel:
             await channel.queue_delete(topo.dead_letter_queue)
+
+
+@pytest.mark.parametrize("header", ["²", "9" * 5000, "2,x"])
+async def test_a_malformed_parts_header_is_dead_lettered_and_the_shard_flows(
+    settings: Settings, topology: Callable[..., Topology], amqp: AbstractConnection, header: str
+) -> None:
+    """A header that does not parse (not ASCII digits, a count of thousands of digits) goes
+    to the poison path with its reason, instead of failing the message callback forever."""
+    import aio_pika
+
+    topo = topology(shards_count=1)
+    config = settings(topo)
+    body = b'[{"timestamp": "2019-10-12T07:20:50Z", "value": "bad-header"}]'
+    async with amqp.channel() as channel:
+        await topo.declare(channel)
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, message_id="bad", headers={"x-adp-parts": header}),
+            routing_key=topo.queue_name(0),
+        )
+    good = entries(5, "after-bad-header")
+    await publish(amqp, topo, good, per_message=5)
+    async with run_consumer(config):
+        await lines_reach(config.data_output_dir, 5)
+        await eventually(
+            lambda: _no_unacked(topo.queue_name(0)), timeout=10, what="every message settled"
+        )
+    assert sorted(e["value"] for e in written_lines(config.data_output_dir)) == sorted(
+        e["value"] for e in good
+    )
+    async with amqp.channel() as channel:
+        queue = await channel.declare_queue(topo.dead_letter_queue, passive=True)
+        dead = await queue.get(fail=False, no_ack=True)
+    assert dead is not None
+    assert dead.body == body
+    assert "x-adp-parts" in str(dead.headers["x-adp-reason"])
+
+
+async def _no_unacked(queue: str) -> bool:
+    return (await queue_counts()).get(queue, (0, 0)) == (0, 0)

@@ -14,7 +14,6 @@ import json
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aio_pika
@@ -24,8 +23,7 @@ from aio_pika.abc import AbstractConnection
 from services.common.topology import Topology
 from services.common.wire import PARTS_HEADER, key_id, part_spec, request_key
 from services.consumer.batch import Batch
-from services.consumer.ledger import Ledger
-from services.consumer.sink import FileSink, Sink
+from services.consumer.sink import Sink
 from tests.integration.consumer.conftest import Settings
 from tests.support.consumer import (
     WrappedSink,
@@ -46,21 +44,17 @@ class CutAfterWrite(WrappedSink):
     """The real file sink; after its first write returns, the broker connection is cut
     before the pool can ack."""
 
-    def __init__(self, inner: FileSink, proxy: TcpProxy) -> None:
+    def __init__(self, inner: Sink, proxy: TcpProxy) -> None:
         super().__init__(inner)
         self.proxy = proxy
         self.cut = False
 
-    async def write(self, batch: Batch, worker: str) -> str:
-        name = await self.inner.write(batch, worker)
+    async def write(self, batch: Batch, worker: str) -> Batch:
+        written = await self.inner.write(batch, worker)
         if not self.cut:
             self.cut = True
             await self.proxy.cut()
-        return name
-
-
-def ledger_sink(directory: Path, host: str, executor: ThreadPoolExecutor) -> FileSink:
-    return FileSink(directory, host, executor, Ledger(directory, host))
+        return written
 
 
 @pytest.mark.parametrize("after", ["same-process", "restarted", "other-replica"])
@@ -81,37 +75,34 @@ async def test_a_renamed_but_unacked_file_is_not_written_again(
     config = settings(
         topo, rabbitmq_url=proxy.url, batch_size=5, data_output_dir=out, shutdown_timeout_seconds=2
     )
-    with ThreadPoolExecutor(4) as executor:
-        sink: Sink = CutAfterWrite(ledger_sink(out, "testhost", executor), proxy)
-        async with run_consumer(config, sink=sink) as consumer:
-            await lines_reach(out, 5)  # the first file, renamed; its ack is lost
-            if after == "same-process":
-                await proxy.start()  # the consumer reconnects and gets the message again
-                await lines_reach(out, 10, timeout=30)
-                await eventually(
-                    lambda: depth_and_unacked(amqp, topo), timeout=15, what="queue settled"
-                )
+    async with run_consumer(config, lambda sink: CutAfterWrite(sink, proxy)) as consumer:
+        await lines_reach(out, 5)  # the first file, renamed; its ack is lost
+        if after == "same-process":
+            await proxy.start()  # the consumer reconnects and gets the message again
+            await lines_reach(out, 10, timeout=30)
+            await eventually(
+                lambda: depth_and_unacked(amqp, topo), timeout=15, what="queue settled"
+            )
 
-                async def forgotten() -> bool:
-                    # Once the redelivery's ack is known applied (the barrier), the ledger
-                    # forgets the message: the lost ack's record included.
-                    text = (await consumer.http.get("/metrics")).text
-                    return sample(text, "adp_consumer_ledger_parts") == 0
+            async def forgotten() -> bool:
+                # Once the redelivery's ack is known applied (the barrier), the ledger
+                # forgets the message: the lost ack's record included.
+                text = (await consumer.http.get("/metrics")).text
+                return sample(text, "adp_consumer_ledger_parts") == 0
 
-                await eventually(forgotten, timeout=10, what="ledger settled")
-                metrics = (await consumer.http.get("/metrics")).text
-        if after != "same-process":
-            # The process is gone (its broker connection died with it); the message comes
-            # back to a fresh consumer — this host again, or another replica.
-            host = "testhost" if after == "restarted" else "otherhost"
-            fresh = settings(topo, batch_size=5, data_output_dir=out, host_name=host)
-            fresh_sink = ledger_sink(out, host, executor)
-            async with run_consumer(fresh, sink=fresh_sink) as consumer:
-                await lines_reach(out, 10, timeout=30)
-                await eventually(
-                    lambda: depth_and_unacked(amqp, topo), timeout=15, what="queue settled"
-                )
-                metrics = (await consumer.http.get("/metrics")).text
+            await eventually(forgotten, timeout=10, what="ledger settled")
+            metrics = (await consumer.http.get("/metrics")).text
+    if after != "same-process":
+        # The process is gone (its broker connection died with it); the message comes
+        # back to a fresh consumer — this host again, or another replica.
+        host = "testhost" if after == "restarted" else "otherhost"
+        fresh = settings(topo, batch_size=5, data_output_dir=out, host_name=host)
+        async with run_consumer(fresh) as consumer:
+            await lines_reach(out, 10, timeout=30)
+            await eventually(
+                lambda: depth_and_unacked(amqp, topo), timeout=15, what="queue settled"
+            )
+            metrics = (await consumer.http.get("/metrics")).text
     values = Counter(e["value"] for e in written_lines(out))
     assert values == Counter(e["value"] for e in sent)  # each exactly once
     # At least the first file's entries came back and were left out (the second file may

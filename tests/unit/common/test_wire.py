@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.common.wire import (
+    InvalidParts,
     Part,
     accepted_ms,
     key_id,
@@ -32,21 +33,36 @@ def test_a_retry_of_the_same_request_gets_the_same_id_another_body_another() -> 
 
 def test_parts_are_read_in_order_keyed_or_named_by_message_and_position() -> None:
     header = f"{part_spec(2, None)},{part_spec(3, 'kabc')},{part_spec(1, None)}"
-    assert parse_parts(header, "m1", 6) == [
+    assert parse_parts(header, "m1", 6, b"[]") == [
         Part("m1/0", 0, 2),
         Part("kabc", 2, 5, keyed=True),
         Part("m1/2", 5, 6),
     ]
-    assert parse_parts(header.encode(), "m1", 6)[1].keyed  # bytes, as a broker may give
+    assert parse_parts(header.encode(), "m1", 6, b"[]")[1].keyed  # bytes, as a broker may give
+
+
+@pytest.mark.parametrize("header", [None, "", b""])
+def test_without_the_header_a_message_is_one_part_named_by_its_id_and_body(
+    header: object,
+) -> None:
+    [part] = parse_parts(header, "m1", 6, b"[1]")
+    assert (part.start, part.end, part.keyed) == (0, 6, False)
+    assert part.id is not None
+    assert part.id.startswith("m1#")
+    assert parse_parts(header, "m1", 6, b"[1]") == [part]  # a redelivery: the same name
+    assert parse_parts(header, "m1", 6, b"[2]")[0].id != part.id  # a reused id, another body
+    assert parse_parts(header, None, 6, b"[1]") == [Part(None, 0, 6)]  # not identifiable
 
 
 @pytest.mark.parametrize(
     "header",
-    [None, "", "x", "2,3", "2,,3", "-1,7", 5, ["2", "3"]],
+    ["x", "2,3", "2,,3", "-1,7", "\u00b2", "6@", "6@k/../x", "9" * 5000, 5, ["2", "3"]],
 )
-def test_a_missing_or_malformed_header_makes_the_message_one_part(header: object) -> None:
-    assert parse_parts(header, "m1", 6) == [Part("m1", 0, 6)]
-    assert parse_parts(header, None, 6) == [Part(None, 0, 6)]  # not identifiable
+def test_a_malformed_header_is_refused_with_its_reason(header: object) -> None:
+    """Strictly ASCII digits of bounded length ("²".isdigit() is true, int("²") raises),
+    adding up to the body's entries: anything else is a poison message."""
+    with pytest.raises(InvalidParts, match="x-adp-parts"):
+        parse_parts(header, "m1", 6, b"[]")
 
 
 def test_acceptance_is_stamped_in_milliseconds_and_read_back_in_seconds() -> None:
@@ -57,6 +73,8 @@ def test_acceptance_is_stamped_in_milliseconds_and_read_back_in_seconds() -> Non
     assert parse_accepted(b"1700000000123") == parse_accepted("1700000000123") == 1_700_000_000.123
 
 
-@pytest.mark.parametrize("header", [None, "", "soon", "-5", "1.5", 0, -1, True, 1.5, "١٢٣", [1]])
+@pytest.mark.parametrize(
+    "header", [None, "", "soon", "-5", "1.5", 0, -1, True, 1.5, "١٢٣", [1], "9" * 5000]
+)
 def test_a_missing_or_malformed_acceptance_is_not_measured(header: object) -> None:
     assert parse_accepted(header) is None

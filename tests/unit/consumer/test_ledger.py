@@ -15,7 +15,11 @@ from aio_pika.abc import AbstractIncomingMessage
 from services.common.schema import Entry
 from services.common.wire import Part
 from services.consumer.batch import Batch, Delivery
-from services.consumer.ledger import Ledger, _missing
+from services.consumer.ledger import Ledger
+from services.consumer.ledger_log import _missing
+from tests.support import deliveries
+from tests.support.consumer import written_lines
+from tests.support.faults import files_limited_to
 
 
 class FakeChannel:
@@ -48,9 +52,9 @@ async def write(ledger: Ledger, batch: Batch, name: str) -> Batch:
     admitted = await ledger.admit(batch)
     try:
         if admitted.entries:
-            ledger.record(name, admitted.spans)
-            (ledger.directory / name).write_text("x")
-            ledger.confirm(name, admitted.spans)
+            ledger.log.record([(name, admitted.spans)])
+            (ledger.log.directory / name).write_text("x")
+            ledger.log.settled([(name, admitted.spans)], [], [])
     finally:
         ledger.release(admitted)
     return admitted
@@ -87,7 +91,7 @@ async def test_a_checked_redelivery_writes_only_what_is_missing(tmp_path: Path) 
     left = await write(ledger, batch_of(again, 0, 10), "f2.jsonl")
     assert [e["value"] for e in left.entries] == [f"v{i}" for i in range(5, 10)]
     assert left.spans == [("m/0", 5, 10)]
-    assert left.sources[0][1] == 10  # every entry of the delivery is settled by it
+    assert left.sources[0].settles == 10  # every entry of the delivery is settled by it
     assert ledger.skipped == 5
 
 
@@ -127,7 +131,7 @@ async def test_the_event_loop_does_not_wait_for_the_writers_lock(tmp_path: Path)
     """A writer thread holds the lock across disk I/O (a slow disk): a lookup waits on its
     executor thread, the loop goes on."""
     ledger = opened(tmp_path)
-    with ledger._lock:
+    with ledger.log._lock:
         admitting = asyncio.ensure_future(
             ledger.admit(batch_of(delivery([Part("m/0", 0, 1)], check=True), 0, 1))
         )
@@ -169,12 +173,12 @@ async def test_a_restarted_process_and_another_replica_read_the_log(tmp_path: Pa
 async def test_a_record_whose_file_never_appeared_does_not_count(tmp_path: Path) -> None:
     """The process died between recording and renaming: the entries were not written."""
     ledger = opened(tmp_path, "a")
-    ledger.record("never.jsonl", [("m/0", 0, 4)])  # no file, no confirmation
+    ledger.log.record([("never.jsonl", [("m/0", 0, 4)])])  # no file, no confirmation
     fresh = opened(tmp_path, "a")
     left = await write(fresh, batch_of(delivery([Part("m/0", 0, 4)], check=True), 0, 4), "f.jsonl")
     assert len(left.entries) == 4
     # Renamed but not confirmed (died just after the rename): the file is there, it counts.
-    ledger.record("renamed.jsonl", [("p/0", 0, 2)])
+    ledger.log.record([("renamed.jsonl", [("p/0", 0, 2)])])
     (tmp_path / "renamed.jsonl").write_text("x")
     fresh = opened(tmp_path, "b")
     left = await write(fresh, batch_of(delivery([Part("p/0", 0, 2)], check=True), 0, 2), "g")
@@ -187,7 +191,7 @@ async def test_a_torn_last_line_is_ignored(tmp_path: Path) -> None:
     with (tmp_path / ".ledger" / "a.log").open("ab") as log:
         log.write(b'{"t": 1, "f": "half')
     fresh = opened(tmp_path, "a")
-    assert fresh.written("m/0") == [(0, 2)]
+    assert fresh.log.written("m/0") == [(0, 2)]
 
 
 async def test_a_second_copy_waits_for_the_first_write_instead_of_racing_it(
@@ -200,9 +204,9 @@ async def test_a_second_copy_waits_for_the_first_write_instead_of_racing_it(
     )
     await asyncio.sleep(0.05)
     assert not second.done()  # the first copy is being written
-    ledger.record("f1.jsonl", first.spans)
+    ledger.log.record([("f1.jsonl", first.spans)])
     (tmp_path / "f1.jsonl").write_text("x")
-    ledger.confirm("f1.jsonl", first.spans)
+    ledger.log.settled([("f1.jsonl", first.spans)], [], [])
     ledger.release(first)
     assert (await asyncio.wait_for(second, 1)).entries == []
 
@@ -226,18 +230,18 @@ async def test_settled_parts_are_forgotten_here_and_by_readers_keyed_ones_kept(
     reader = opened(tmp_path, "b")
     plain = delivery([Part("m/0", 0, 2), Part("kx", 2, 4, keyed=True)], check=True, channel=channel)
     await write(ledger, batch_of(plain, 0, 4), "f1.jsonl")
-    reader.refresh()
-    assert reader.written("m/0") == [(0, 2)]
+    reader.log.refresh()
+    assert reader.log.written("m/0") == [(0, 2)]
     ledger.acked(plain)
     assert await ledger.settle(channel.barrier) == 1
     assert channel.barriers == 1
-    assert ledger.written("m/0") == []
-    assert ledger.written("kx") == [(0, 2)]  # a client may still retry it
-    assert ledger._own["f1.jsonl"][1] == [("kx", 0, 2)]
-    ledger._forget(["kx"])
-    assert ledger._own == {}  # memory follows what is remembered
-    reader.refresh()
-    assert reader.written("m/0") == []
+    assert ledger.log.written("m/0") == []
+    assert ledger.log.written("kx") == [(0, 2)]  # a client may still retry it
+    assert ledger.log._own["f1.jsonl"][1] == [("kx", 0, 2)]
+    ledger.log.forget(["kx"])
+    assert ledger.log._own == {}  # memory follows what is remembered
+    reader.log.refresh()
+    assert reader.log.written("m/0") == []
 
 
 async def test_a_channel_failing_the_barrier_settles_nothing(tmp_path: Path) -> None:
@@ -251,37 +255,37 @@ async def test_a_channel_failing_the_barrier_settles_nothing(tmp_path: Path) -> 
     await write(ledger, batch_of(d, 0, 2), "f1.jsonl")
     ledger.acked(d)
     assert await ledger.settle(broken) == 0
-    assert ledger.written("m/0") == [(0, 2)]  # the ack may not have arrived: kept
+    assert ledger.log.written("m/0") == [(0, 2)]  # the ack may not have arrived: kept
 
 
 async def test_retention_and_room_limits_forget_the_oldest(tmp_path: Path) -> None:
     now = [1000.0]
     forgotten: list[int] = []
-    ledger = opened(tmp_path, retention=60, max_parts=1000, clock=lambda: now[0])
-    ledger.on_forget = forgotten.append
+    ledger = opened(
+        tmp_path, retention=60, max_parts=1000, clock=lambda: now[0], on_forget=forgotten.append
+    )
     for i in range(3):
         d = delivery([Part(f"k{i}", 0, 1, keyed=True)], check=True)
         await write(ledger, batch_of(d, 0, 1), f"f{i}.jsonl")
         now[0] += 40
     # At the last write (t=1080), k0 (t=1000) was past the 60 s retention, k1 (t=1040) not.
-    assert [ledger.written(f"k{i}") for i in range(3)] == [[], [(0, 1)], [(0, 1)]]
+    assert [ledger.log.written(f"k{i}") for i in range(3)] == [[], [(0, 1)], [(0, 1)]]
     assert forgotten == []  # its time was up: not "forgotten for room"
     # A restart at t=1120 reads the log with the same horizon: k1 is past it now.
     fresh = opened(tmp_path, retention=60, clock=lambda: now[0])
-    assert [fresh.written(f"k{i}") for i in range(3)] == [[], [], [(0, 1)]]
+    assert [fresh.log.written(f"k{i}") for i in range(3)] == [[], [], [(0, 1)]]
 
 
 async def test_past_max_parts_the_oldest_are_forgotten_and_counted(tmp_path: Path) -> None:
     forgotten: list[int] = []
-    ledger = opened(tmp_path, max_parts=1000)
-    ledger.on_forget = forgotten.append
+    ledger = opened(tmp_path, max_parts=1000, on_forget=forgotten.append)
     for i in range(1003):
         d = delivery([Part(f"k{i}", 0, 1, keyed=True)], check=False)
         await write(ledger, batch_of(d, 0, 1), f"f{i}.jsonl")
     assert ledger.parts == 1000
     assert sum(forgotten) == 3
-    assert ledger.written("k2") == []
-    assert ledger.written("k3") == [(0, 1)]
+    assert ledger.log.written("k2") == []
+    assert ledger.log.written("k3") == [(0, 1)]
 
 
 async def test_a_gone_replicas_log_is_removed_after_the_retention(tmp_path: Path) -> None:
@@ -301,13 +305,13 @@ async def test_the_ledger_opens_itself_if_the_volume_was_unusable_at_start(
     (tmp_path / "late").mkdir()
     d = delivery([Part("m/0", 0, 1)], check=False)
     await write(ledger, batch_of(d, 0, 1), "f.jsonl")
-    assert opened(tmp_path / "late", "b").written("m/0") == [(0, 1)]
+    assert opened(tmp_path / "late", "b").log.written("m/0") == [(0, 1)]
 
 
 async def test_compaction_waits_for_the_log_to_double_and_readers_keep_one_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("services.consumer.ledger.COMPACT_BYTES", 2048)
+    monkeypatch.setattr("services.consumer.ledger_log.COMPACT_BYTES", 2048)
     writer = opened(tmp_path, "a")
     reader = opened(tmp_path, "b")
     log = tmp_path / ".ledger" / "a.log"
@@ -316,10 +320,10 @@ async def test_compaction_waits_for_the_log_to_double_and_readers_keep_one_copy(
         d = delivery([Part(f"k{i}", 0, 1, keyed=True)], check=False)
         await write(writer, batch_of(d, 0, 1), f"f{i}.jsonl")
         generations.add(log.read_bytes().split(b"\n", 1)[0])
-        reader.refresh()
+        reader.log.refresh()
     assert 2 <= len(generations) <= 12  # compacted a few times, not on every write
-    assert all(reader.written(f"k{i}") == [(0, 1)] for i in range(200))
-    assert max(len(r) for r in reader._written.values()) == 1  # no copy per re-read
+    assert all(reader.log.written(f"k{i}") == [(0, 1)] for i in range(200))
+    assert max(len(r) for r in reader.log._written.values()) == 1  # no copy per re-read
 
 
 async def test_the_log_is_compacted_to_what_is_live(tmp_path: Path) -> None:
@@ -337,5 +341,79 @@ async def test_the_log_is_compacted_to_what_is_live(tmp_path: Path) -> None:
     fresh = opened(tmp_path)  # a restart compacts
     after = log.stat().st_size
     assert after < before / 10
-    assert fresh.written("kept/0") == [(0, 1)]
-    assert fresh.written("m3/0") == []
+    assert fresh.log.written("kept/0") == [(0, 1)]
+    assert fresh.log.written("m3/0") == []
+
+
+async def test_a_reused_message_id_does_not_hide_a_redelivered_messages_entries(
+    tmp_path: Path,
+) -> None:
+    """Two hand-published messages (no parts header) share the message_id X. M1 is
+    written but its ack is lost with its channel; M2, stale on that channel, comes back
+    redelivered: its entries are not M1's and must be written."""
+    log: list[str] = []
+    first, second = deliveries.entries("a", 2), deliveries.entries("b", 2)
+    async with deliveries.data_path(tmp_path) as path:
+        m1 = deliveries.message(log, "m1", first, message_id="X", lose_ack=True)
+        path.submit(deliveries.delivery(m1, 2), first)
+        await deliveries.until(lambda: m1.channel.is_closed, what="M1 written, its ack lost")
+        m2 = deliveries.message(log, "m2", second, message_id="X", redelivered=True)
+        path.submit(deliveries.delivery(m2, 2), second)
+        await deliveries.until(lambda: "ack m2" in log, what="M2 acked")
+    assert sorted(e["value"] for e in written_lines(tmp_path)) == ["a0", "a1", "b0", "b1"]
+
+
+async def test_a_delivery_gone_stale_while_its_batch_waits_is_not_written_again(
+    tmp_path: Path,
+) -> None:
+    """A batch holds a client's keyed retry (waiting for the original's write) and a first
+    delivery D. D's channel dies during the wait; D's redelivery is written by another
+    worker; when the batch resumes, D must not be written a second time."""
+    ledger = opened(tmp_path)
+    original = await ledger.admit(
+        batch_of(delivery([Part("kx", 0, 1, keyed=True)], check=True), 0, 1)
+    )
+    channel = deliveries.ScriptedChannel()
+    retry = delivery([Part("kx", 0, 1, keyed=True)], check=True)
+    d = delivery([Part("d/0", 0, 2)], check=False, channel=channel)
+    both = batch_of(retry, 0, 1)
+    both.add(d, batch_of(d, 0, 2, tag="d").entries, 0)
+    waiting = asyncio.ensure_future(ledger.admit(both))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # the original copy of kx is being written
+    channel.is_closed = True  # D's channel dies
+    again = delivery([Part("d/0", 0, 2)], check=True)  # its redelivery, on a new channel
+    assert len((await write(ledger, batch_of(again, 0, 2, tag="d"), "d.jsonl")).entries) == 2
+    ledger.log.record([("k.jsonl", original.spans)])
+    (tmp_path / "k.jsonl").write_text("x")
+    ledger.log.settled([("k.jsonl", original.spans)], [], [])
+    ledger.release(original)
+    admitted = await asyncio.wait_for(waiting, 2)
+    try:
+        assert [e["value"] for e in admitted.entries] == [], "D written a second time"
+    finally:
+        ledger.release(admitted)
+
+
+async def test_a_log_append_cut_short_by_a_full_volume_does_not_swallow_the_next(
+    tmp_path: Path,
+) -> None:
+    """The volume fills in the middle of a record line; once there is room again, the next
+    record must survive a restart (and be read by other replicas)."""
+    ledger = opened(tmp_path)
+    await write(ledger, batch_of(delivery([Part("m1/0", 0, 2)], check=False), 0, 2), "f1.jsonl")
+    log = tmp_path / ".ledger" / "a.log"
+    with files_limited_to(log.stat().st_size + 10), pytest.raises(OSError, match="too large"):
+        await write(ledger, batch_of(delivery([Part("m2/0", 0, 2)], check=False), 0, 2), "f2")
+    await write(ledger, batch_of(delivery([Part("m3/0", 0, 2)], check=False), 0, 2), "f3.jsonl")
+    assert opened(tmp_path, "b").log.written("m3/0") == [(0, 2)]  # another replica
+    assert opened(tmp_path, "a").log.written("m3/0") == [(0, 2)]  # a restart
+
+
+async def test_a_line_of_another_shape_is_skipped_not_fatal(tmp_path: Path) -> None:
+    """Version skew: valid JSON a reader does not know must not stop it from starting."""
+    ledger = opened(tmp_path, "a")
+    await write(ledger, batch_of(delivery([Part("m/0", 0, 2)], check=False), 0, 2), "f1.jsonl")
+    with (tmp_path / ".ledger" / "b.log").open("wb") as log:
+        log.write(b'{"f": "x", "t": "soon", "p": 7}\n{"s": 5}\n[1, 2]\n{"d": 1}\n')
+    assert opened(tmp_path, "c").log.written("m/0") == [(0, 2)]

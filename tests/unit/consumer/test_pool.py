@@ -43,18 +43,17 @@ class ScriptedSink:
         self.log = log
         self.before = before
         self.after = after
-        self.ledger = None
 
     def prepare(self) -> int:
         return 0
 
-    async def write(self, batch: Batch, worker: str) -> str:
+    async def write(self, batch: Batch, worker: str) -> Batch:
         delay = self.before.pop(0) if self.before else 0.0
         self.log.append(f"write start {worker}")
         await asyncio.to_thread(_sleep_then_commit, batch, delay, self.log, worker)
         await asyncio.sleep(self.after)
         self.log.append(f"write done {worker}")
-        return f"{worker}.jsonl"
+        return batch
 
     async def reject(self, body: bytes, reason: str, message_id: str | None) -> str:
         raise NotImplementedError
@@ -172,3 +171,52 @@ async def test_entries_of_a_dead_channel_are_not_written() -> None:
     await pool.stop()
     assert "ack gone" not in log
     assert log.count("commit 0-0") == 1
+
+
+class BuggySink(ScriptedSink):
+    """The first write fails with a bug (not an OSError): the slot restarts."""
+
+    def __init__(self, log: list[str]) -> None:
+        super().__init__(log, [])
+        self.failed = False
+
+    async def write(self, batch: Batch, worker: str) -> Batch:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a bug")
+        return await super().write(batch, worker)
+
+
+async def test_a_restarted_workers_first_batch_is_written_even_if_it_retires() -> None:
+    """After a bug the slot restarts with the batch as its first job (after a pause); a
+    scale-down meanwhile retires it: it must write that batch first, not strand it."""
+    log: list[str] = []
+    pool, history = make_pool(BuggySink(log), timeout=5)
+    pool.start()
+    pool.workers_min = 0  # so the only, restarting, worker may retire
+    pool.submit(batch_of(log, "m"))
+    await wait_for(lambda: [r.stop_reason for r in history.records()][:1] == ["error"])
+    assert pool.shrink()
+    await wait_for(lambda: "ack m" in log)
+    await wait_for(lambda: pool.live == 0)
+    assert [r.stop_reason for r in history.records()] == ["error", "scale-down"]
+
+
+async def test_drained_waits_for_a_batch_retried_after_a_bug() -> None:
+    log: list[str] = []
+    pool, _ = make_pool(BuggySink(log), timeout=5)
+    pool.start()
+    pool.submit(batch_of(log, "m"))
+    assert await pool.drained(5)
+    assert "ack m" in log, "drained() reported idle with the batch still unwritten"
+    await pool.stop()
+
+
+async def test_drained_waits_for_a_batch_retried_after_a_timeout() -> None:
+    log: list[str] = []
+    pool, _ = make_pool(ScriptedSink(log, [0.6, 0.0]), timeout=0.2)
+    pool.start()
+    pool.submit(batch_of(log, "m"))
+    assert await pool.drained(5)
+    assert "ack m" in log, "drained() reported idle with the batch still unwritten"
+    await pool.stop()

@@ -1,0 +1,354 @@
+"""Group commit: batch files sealed at about the same time — by any worker of any shard —
+made durable together, so the per-file costs that do not depend on the file (the ledger's
+fdatasync, the directory's fsync) are paid once per group.
+
+How the files' data is made durable (SYNC_MODE):
+
+- `group` (the default, Linux 5.8+): each temporary file is written (not synced) on a
+  writer thread as soon as it comes; the group appends the records of all its files to
+  the ledger and syncs the file system once (`syncfs`): every file's data and the records
+  are durable together, one write-back and one disk flush however many files the group
+  holds; then each file's own write-back errors are checked on its descriptor;
+- `file`: each temporary file is fsynced on its own writer thread, and meanwhile its
+  record joins the next *record group* (the records of every batch that came while the
+  previous one was being synced: one append, one fdatasync). A flush per file: for file
+  systems where a whole-file-system sync is unwelcome (a volume shared with others).
+
+Then, the records durable before any rename, the *rename group*: per file, commit (a batch
+whose worker timed out was abandoned: its file is dropped, the rest of the group goes on)
+and rename into place; one fsync per directory touched; then the ledger's confirmations
+(or, if the directory sync failed, nothing confirmed: those files stay unconfirmed until a
+later sync succeeds) and abort lines for the dropped ones, in one append.
+
+A group of either kind starts at once while fewer than `max_groups` of that kind are in
+progress, so a lone batch at low load waits for nobody; under load, the batches that came
+meanwhile form the next group. The groups in progress share their syncs (`SharedSync`): a
+syncfs or directory fsync that starts after a group asked for it serves every group that
+asked meanwhile, so the disk sees about one flush per step however many groups wait.
+
+Only after its rename group does a batch's future resolve (or fail with OSError /
+`Abandoned`, for that batch alone), and its deliveries can be acked. A kill at any point
+leaves temporary files (removed at start-up; their deliveries were never acked) and records
+whose files are in place or not: the ledger counts a record only if its file is there and
+the directory was synced since.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic_core import to_json
+
+from services.consumer.batch import Batch, Span
+from services.consumer.files import (
+    check_written,
+    fsync_directory,
+    sync_filesystem,
+    syncfs_available,
+    write_durably,
+    write_unflushed,
+)
+from services.consumer.ledger_log import LedgerLog
+
+log = logging.getLogger(__name__)
+
+MAX_GROUPS = 4  # groups of each kind in progress at once (they share their syncs)
+SyncMode = Literal["group", "file"]
+
+Outcome = BaseException | None  # None: that step succeeded
+
+
+class Abandoned(Exception):
+    """The batch's worker timed out before the write committed; the file was not made."""
+
+
+@dataclass(eq=False)
+class _Job:
+    batch: Batch
+    name: str
+    temporary: Path
+    final: Path
+    done: asyncio.Future[None]
+    spans: list[Span] = field(default_factory=list)
+    written: bool = False  # the temporary file's write ended (error set if it failed)
+    recorded: bool = False  # the record step ended (True at once without a ledger)
+    in_log: bool = False  # its record is in the ledger's log (an abort must say so)
+    error: BaseException | None = None
+    fd: int | None = None  # SYNC_MODE=group: the temporary file, open until checked
+
+
+class SharedSync:
+    """A sync many threads need, run once for all of them: `sync()` returns after a run of
+    `fn` that started after the call (so it covers everything the caller did before), and
+    raises that run's OSError. Callers that come while a run is in progress share the next
+    one: two groups in progress need about one run between them, not one each."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn = fn
+        self._cond = threading.Condition()
+        self._started = 0  # runs started so far
+        self._finished = 0
+        self._running = False
+        self._errors: dict[int, BaseException] = {}  # run -> its failure, for its waiters
+
+    def sync(self) -> None:
+        with self._cond:
+            wanted = self._started + 1  # the first run starting after now
+            while self._finished < wanted:
+                if not self._running and self._started < wanted:
+                    self._running = True
+                    self._started = run = wanted
+                    break
+                self._cond.wait()
+            else:
+                failed = self._errors.get(wanted)
+                if failed is not None:
+                    raise failed
+                return
+        error: BaseException | None = None
+        try:
+            self._fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter of this run
+            error = exc
+        with self._cond:
+            self._running = False
+            self._finished = run
+            if error is not None:
+                self._errors[run] = error
+            for old in [r for r in self._errors if r < run - 64]:
+                del self._errors[old]
+            self._cond.notify_all()
+        if error is not None:
+            raise error
+
+
+class _Groups:
+    """Runs `step` on groups of jobs on the executor, at most `limit` groups at once; each
+    group is every job that came while the earlier ones ran."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        step: Callable[[list[_Job]], list[Outcome]],
+        after: Callable[[_Job, Outcome], None],
+        limit: int,
+        on_group: Callable[[int], None] = lambda size: None,
+    ) -> None:
+        self._executor = executor
+        self._step = step
+        self._after = after
+        self._limit = limit
+        self._on_group = on_group
+        self._waiting: list[_Job] = []
+        self._running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, job: _Job) -> None:
+        self._waiting.append(job)
+        self._start()
+
+    def _start(self) -> None:
+        while self._waiting and self._running < self._limit:
+            jobs, self._waiting = self._waiting, []
+            self._running += 1
+            task = asyncio.get_running_loop().create_task(self._run(jobs), name="group-commit")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, jobs: list[_Job]) -> None:
+        self._on_group(len(jobs))
+        loop = asyncio.get_running_loop()
+        try:
+            outcomes = await loop.run_in_executor(self._executor, self._step, jobs)
+        except Exception as exc:
+            log.exception("group commit step failed")
+            outcomes = [exc] * len(jobs)
+        finally:
+            self._running -= 1
+            self._start()
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            self._after(job, outcome)
+
+
+class GroupCommit:
+    def __init__(
+        self,
+        directory: Path,
+        executor: Executor,
+        ledger: LedgerLog | None = None,
+        *,
+        sync: SyncMode = "group",
+        max_groups: int = MAX_GROUPS,
+        on_group: Callable[[int], None] = lambda batches: None,
+    ) -> None:
+        """`executor` runs the writes and the groups (it needs a thread per batch being
+        written at once, plus twice `max_groups`); `on_group(batches)` is told each rename
+        group's size."""
+        self.directory = directory
+        self._executor = executor
+        self._ledger = ledger
+        if sync == "group" and not syncfs_available():
+            log.warning("SYNC_MODE=group needs Linux 5.8 or later (syncfs); using SYNC_MODE=file")
+            sync = "file"
+        self.sync = sync
+        # Shared by the groups in progress: one run serves the ones that asked meanwhile.
+        self._flush_all = SharedSync(lambda: sync_filesystem(directory))
+        self._sync_directory = SharedSync(lambda: fsync_directory(directory))
+        self._records = _Groups(executor, self._record, self._recorded, max_groups)
+        self._renames = _Groups(executor, self._rename, _settle, max_groups, on_group)
+
+    def submit(self, batch: Batch, name: str) -> asyncio.Future[None]:
+        """Write `batch` to the file `name`, durably, as part of a group. The future is
+        done when it is in place, fsynced, its directory fsynced (and, with a ledger,
+        recorded); it fails with OSError or `Abandoned` otherwise. Not cancellable (await
+        it shielded): a job always finishes with its group, or finds its batch abandoned."""
+        loop = asyncio.get_running_loop()
+        job = _Job(
+            batch,
+            name,
+            self.directory / f".{name}.tmp",
+            self.directory / name,
+            loop.create_future(),
+            batch.spans,
+            # Recorded in the rename group itself when one syncfs covers the records too.
+            recorded=self._ledger is None or self.sync == "group",
+        )
+        write = _write_unflushed if self.sync == "group" else _write_durably
+        written = loop.run_in_executor(self._executor, write, job)
+        written.add_done_callback(lambda future: self._written(job, future))
+        if not job.recorded:
+            self._records.add(job)
+        return job.done
+
+    def _written(self, job: _Job, future: asyncio.Future[None]) -> None:
+        if future.cancelled():  # the executor was shut down: nothing was made
+            job.error = job.error or Abandoned(job.name)
+        elif (error := future.exception()) is not None:
+            job.error = job.error or error
+        job.written = True
+        self._advance(job)
+
+    def _recorded(self, job: _Job, outcome: Outcome) -> None:
+        if outcome is not None:
+            job.error = job.error or outcome
+        job.recorded = True
+        self._advance(job)
+
+    def _advance(self, job: _Job) -> None:
+        if job.written and job.recorded:  # also when one failed: the rename step cleans up
+            self._renames.add(job)
+
+    def _record(self, jobs: list[_Job]) -> list[Outcome]:
+        """Writer thread: one append and one fdatasync for the records of `jobs` (those
+        not abandoned already)."""
+        assert self._ledger is not None
+        live = [job for job in jobs if not job.batch.abandoned]
+        if not live:
+            return [None] * len(jobs)
+        try:
+            self._ledger.record([(job.name, job.spans) for job in live])
+        except OSError as exc:
+            return [exc] * len(jobs)
+        for job in live:
+            job.in_log = True
+        return [None] * len(jobs)
+
+    def _flush(self, jobs: list[_Job]) -> None:
+        """SYNC_MODE=group: append the records of the group's live files, then one syncfs
+        makes them and the files' data durable. Marks the jobs that failed."""
+        live = [job for job in jobs if job.error is None and not job.batch.abandoned]
+        try:
+            if live:
+                if self._ledger is not None:
+                    self._ledger.record([(job.name, job.spans) for job in live], sync=False)
+                    for job in live:
+                        job.in_log = True
+                self._flush_all.sync()
+        except OSError as exc:
+            # Records appended but maybe not durable are aborted below with their files.
+            for job in live:
+                job.error = exc
+        for job in jobs:
+            fd, job.fd = job.fd, None
+            if fd is None:
+                continue
+            try:
+                check_written(fd)
+            except OSError as exc:
+                job.error = job.error or exc
+
+    def _rename(self, jobs: list[_Job]) -> list[Outcome]:
+        """Writer thread: per job commit and rename, one directory fsync, the ledger's
+        confirmations and aborts; each job's outcome (None: durable)."""
+        if self.sync == "group":
+            self._flush(jobs)
+        outcomes: list[Outcome] = [self._put_in_place(job) for job in jobs]
+        renamed = [job for job, outcome in zip(jobs, outcomes, strict=True) if outcome is None]
+        synced = True
+        if renamed:
+            try:
+                self._sync_directory.sync()
+            except OSError as exc:
+                # In place but not durable: nothing confirmed, nothing acked. A retry finds
+                # the files unconfirmed and trusts them only once a directory sync succeeds.
+                synced = False
+                outcomes = [exc if outcome is None else outcome for outcome in outcomes]
+        if self._ledger is not None:
+            done = [(job.name, job.spans) for job in renamed]
+            aborted = [job.name for job in jobs if job.in_log and job not in renamed]
+            self._ledger.settled(done if synced else [], [] if synced else done, aborted)
+        return outcomes
+
+    def _put_in_place(self, job: _Job) -> Outcome:
+        """Commit the job's batch and rename its file; the failure if it cannot be."""
+        try:
+            if job.error is not None:
+                raise job.error
+            if self._ledger is not None and not job.in_log:
+                raise Abandoned(job.name)  # abandoned before its record: never renamed
+            if not job.batch.commit():
+                raise Abandoned(job.name)
+            os.rename(job.temporary, job.final)
+        except (OSError, Abandoned) as exc:
+            job.temporary.unlink(missing_ok=True)
+            return exc
+        return None
+
+
+def _data(job: _Job) -> bytes:
+    return b"".join([to_json(entry) + b"\n" for entry in job.batch.entries])
+
+
+def _write_durably(job: _Job) -> None:
+    try:
+        write_durably(job.temporary, _data(job))
+    except BaseException:
+        job.temporary.unlink(missing_ok=True)
+        raise
+
+
+def _write_unflushed(job: _Job) -> None:
+    try:
+        job.fd = write_unflushed(job.temporary, _data(job))
+    except BaseException:
+        job.temporary.unlink(missing_ok=True)
+        raise
+
+
+def _settle(job: _Job, outcome: Outcome) -> None:
+    if job.done.done():
+        return
+    if outcome is None:
+        job.done.set_result(None)
+    else:
+        job.done.set_exception(outcome)
+    # Nobody may be waiting any more (the worker gave up): the outcome is not an error then.
+    job.done.add_done_callback(lambda f: f.exception())
