@@ -31,6 +31,7 @@ import pytest
 
 from services.common.topology import Topology
 from tests.support.consumer import written_lines
+from tests.support.faults import fill, tmpfs_volume
 from tests.support.load import Figures, Load
 from tests.support.net import free_port
 from tests.support.polling import eventually
@@ -403,13 +404,8 @@ async def refused_while_down(stack: Stack) -> None:
 @pytest.fixture
 def small_volume(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs of the test's own, to fill up."""
-    mountpoint = tmp_path / "volume"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mountpoint)], check=True)
-    try:
+    with tmpfs_volume(tmp_path / "volume") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
 async def test_output_volume_full_then_freed(stack: Stack, small_volume: Path) -> None:
@@ -442,18 +438,6 @@ async def test_output_volume_full_then_freed(stack: Stack, small_volume: Path) -
         await eventually(ready, timeout=20, what="ready again once freed")
     note = f"{held} entries written while full; readiness false, then true; "
     await finish(stack, load, "output volume full (tmpfs), then freed", note)
-
-
-def fill(path: Path) -> None:
-    """Write until the file system says it is full."""
-    chunk = b"\0" * 65536
-    with path.open("wb") as handle:
-        try:
-            while True:
-                handle.write(chunk)
-                handle.flush()
-        except OSError:
-            pass
 
 
 async def test_sigterm_under_load_drains_both_services(stack: Stack) -> None:

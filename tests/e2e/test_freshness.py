@@ -6,7 +6,6 @@ after the volume is freed."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ import pytest
 
 from services.common.topology import Topology
 from services.consumer.freshness import FRESHNESS_BUCKETS
+from tests.support.faults import fill, tmpfs_volume
 from tests.support.freshness import Latency, read, total
 from tests.support.net import free_port
 from tests.support.polling import eventually
@@ -30,32 +30,8 @@ ENTRIES_PER_REQUEST = 10
 @pytest.fixture
 def volume(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs of the test's own, to fill up."""
-    mountpoint = tmp_path / "volume"
-    mountpoint.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mountpoint)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.fail(f"this test mounts a tmpfs and could not: {result.stderr.strip()}")
-    try:
+    with tmpfs_volume(tmp_path / "volume") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-
-
-def fill(path: Path) -> None:
-    """Write until the file system says it is full."""
-    chunk = b"\0" * 65536
-    with path.open("wb") as handle:
-        try:
-            while True:
-                handle.write(chunk)
-                handle.flush()
-        except OSError:
-            pass
 
 
 async def post(api: httpx.AsyncClient, requests: int, tag: str) -> Counter[int]:
