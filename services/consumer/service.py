@@ -39,6 +39,7 @@ from services.common.wire import InvalidParts
 from services.consumer.acker import Acker
 from services.consumer.autoscaler import Autoscaler
 from services.consumer.batch import Batcher, Delivery
+from services.consumer.encoding import line_size
 from services.consumer.group import MAX_GROUPS
 from services.consumer.history import WorkerHistory
 from services.consumer.ledger import Ledger
@@ -117,6 +118,7 @@ class ConsumerService:
             settings.host_name,
             self._executor,
             ledger,
+            compression=settings.output_compression,
             on_group=self.metrics.group_batches.observe,
         )
         self.sink = wrap_sink(sink) if wrap_sink is not None else sink
@@ -134,10 +136,7 @@ class ConsumerService:
             )
             for shard in range(settings.shards_count)
         ]
-        self.batchers = [
-            Batcher(pool.shard, settings.batch_size, settings.batch_max_wait_seconds, pool.submit)
-            for pool in self.pools
-        ]
+        self.batchers = [self._new_batcher(settings, pool) for pool in self.pools]
         self._probe = BrokerDepthProbe(self.topology)
         self._broker = Broker(
             settings.rabbitmq_url,
@@ -153,6 +152,19 @@ class ConsumerService:
         self._tasks: list[asyncio.Task[Any]] = []
         self._directory_ok = True
         self.metrics.broker_connected.set_function(lambda: float(self._broker.connected))
+
+    @staticmethod
+    def _new_batcher(settings: ConsumerSettings, pool: Pool) -> Batcher:
+        router = settings.path_template.router(pool.shard)
+        return Batcher(
+            pool.shard,
+            settings.batch_size,
+            settings.batch_max_wait_seconds,
+            pool.submit,
+            max_bytes=settings.batch_max_bytes,
+            route=router.directories if router is not None else None,
+            size=line_size if settings.batch_max_bytes else None,
+        )
 
     def _new_ledger(self, settings: ConsumerSettings) -> Ledger:
         duplicates = self.metrics.duplicates
@@ -174,6 +186,7 @@ class ConsumerService:
         for pool, batcher in zip(self.pools, self.batchers, strict=True):
             state = pool.state()
             state["inflight_entries"] += batcher.buffered
+            state["open_batches"] = batcher.open_batches
             states.append(state)
         return states
 
@@ -225,12 +238,15 @@ class ConsumerService:
         if self.ledger is not None:
             self._tasks.append(asyncio.create_task(self._settle(), name="ledger-settle"))
         log.info(
-            "consumer started: %d shards, %d..%d workers each, batches of %d, output %s",
+            "consumer started: %d shards, %d..%d workers each, batches of %d, output %s%s "
+            "(compression %s)",
             s.shards_count,
             s.workers_min,
             s.workers_max,
             s.batch_size,
             s.data_output_dir,
+            f"/{s.output_path_template}" if s.output_path_template else "",
+            s.output_compression,
         )
         return self
 
@@ -312,11 +328,12 @@ class ConsumerService:
                 redeliveries.inc()
             try:
                 entries = parse_message(message.body)
+                directories = batcher.directories(entries)
                 delivery = Delivery.of(message, len(entries))
             except (InvalidEntries, InvalidParts) as exc:
                 await self._reject(shard, message, str(exc))
                 return
-            batcher.add(delivery, entries)
+            batcher.add(delivery, entries, directories)
 
         return on_message
 
