@@ -258,6 +258,7 @@ class Batcher:
         self._entry_size = size
         self._max_open = max_open
         self._open: dict[str, _Open] = {}  # insertion order: oldest first
+        self.peak_open = 0  # most batches open at once so far
 
     @property
     def buffered(self) -> int:
@@ -308,6 +309,7 @@ class Batcher:
         timer = loop.call_later(self._max_wait, self._flush, directory)
         item = _Open(Batch(self._shard, directory=directory), timer)
         self._open[directory] = item
+        self.peak_open = max(self.peak_open, len(self._open))
         return item
 
     def _flush(self, directory: str) -> None:
