@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint unit install broker bench soak audit audit-deps check-deploy clean
+.PHONY: run test lint unit install broker tools bench soak audit audit-deps check-deploy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,17 @@ install: $(STAMP)
 broker:
 	scripts/ensure-rabbitmq.sh
 
+## tools: the command-line tools the tests run (gzip, zstd: Debian packages, installed if missing)
+tools:
+	scripts/ensure-tools.sh
+
 ## run: install, make sure RabbitMQ answers, run API (PORT 8080) and consumer (METRICS_PORT 9100)
 run: install broker
 	$(BIN)/async-data-processor dev
 
-## test: install, make sure RabbitMQ answers, lint and type-check, audit the runtime
-## dependencies (PyPI's vulnerability data), run every test
-test: install broker lint audit-deps
+## test: install, make sure RabbitMQ answers and the tools are there, lint and type-check,
+## audit the runtime dependencies (PyPI's vulnerability data), run every test
+test: install broker tools lint audit-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## audit-deps: known vulnerabilities of the runtime dependencies, from PyPI (scripts/audit_deps.py)
@@ -45,7 +49,7 @@ check-deploy: install
 	scripts/check-shell.sh
 
 ## unit: the tests that need no broker
-unit: install
+unit: install tools
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 ## bench: the API load and consumer drain benchmarks (not part of `make test`); needs wrk
