@@ -63,6 +63,6 @@ def test_suffixes_name_the_compression() -> None:
 def test_a_file_cut_short_fails_the_tools_check(tmp_path: Path) -> None:
     for compression in ("gzip", "zstd"):
         path = tmp_path / f"cut{SUFFIXES[compression]}"
-        body = encode(ENTRIES, compression)  # type: ignore[arg-type]
+        body = encode(ENTRIES, compression)
         path.write_bytes(body[: len(body) // 2])
         assert tool_check(path) is not None
