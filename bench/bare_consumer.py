@@ -1,6 +1,6 @@
-"""The ceiling for the consumer benchmark: a bare aio-pika consumer that acks every message
-as it arrives, writing nothing. Exits when it has seen `expected` messages, printing the
-seconds from connected to done.
+"""The ceiling for the consumer benchmark: a bare aio-pika consumer that parses every
+message (as the consumer does) and acks it, writing nothing. Exits when it has seen
+`expected` messages, printing the seconds from connected to done.
 
 Run: python -m bench.bare_consumer URL PREFIX SHARDS PREFETCH EXPECTED
 """
@@ -14,6 +14,8 @@ import time
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from services.common.schema import parse_message
+
 
 async def main(url: str, prefix: str, shards: int, prefetch: int, expected: int) -> None:
     done = asyncio.Event()
@@ -21,6 +23,7 @@ async def main(url: str, prefix: str, shards: int, prefetch: int, expected: int)
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         nonlocal seen
+        parse_message(message.body)
         await message.ack()
         seen += 1
         if seen >= expected:

@@ -1,39 +1,56 @@
-"""Consumer drain benchmark: pre-fill the shard queues, then time the real
-`async-data-processor message-consumer` draining them to batch files, against a bare
-aio-pika consumer that acks without writing (the ceiling), in the same run.
+"""Consumer drain benchmark: the real `async-data-processor message-consumer` draining
+backlogs to batch files, each figure beside its ceiling measured in the same run.
 
-    python -m bench.consumer_drain [--entries 200000] [--per-message 1,100]
-                                   [--batch-sizes 5,1000] [--backlog 1000000]
-                                   [--exactly-once on,off]
+    python -m bench.consumer_drain [--runs 3] [--api-entries 150000] [--entries 200000]
+                                   [--backlog 1000000] [--latency-seconds 10]
 
-Prints entries/s per case — with the ledger (EXACTLY_ONCE=true, the default) and without,
-which is the ledger's cost — the share of the bare consumer's rate, and the consumer's RSS
-sampled while a large backlog (--backlog entries) waits and drains. Queues and files it
-makes are deleted. Not part of `make test`.
+Cases, per run:
+- defaults: the disk's own limit on the output directory (`bench.disk_limit`: four
+  threads writing 5-line files durably, each on its own), then a backlog filled through
+  the real API with 5-entry requests, drained by the consumer with its default settings
+  (BATCH_SIZE 5, EXACTLY_ONCE on): entries/s, files/s and files/s as a share of the disk's
+  limit, timed from connected to the last entry on disk. Then, with both still running,
+  load at half that rate through the API: p50/p99 from each request's 201 to the moment
+  its last entry's file was renamed into place (inotify).
+- BATCH_SIZE 1000 with 100-entry messages (filled directly), against the bare
+  parse-and-ack consumer (`bench.bare_consumer`), both timed from the process's start to
+  the last entry on disk (acked, for the bare one).
+Then once: the consumer's RSS sampled while a --backlog entries backlog drains.
+
+Prints each run, then min/median/max over the runs. Queues and files it makes are deleted.
+Not part of `make test`: the machine is shared and noisy; compare only figures of one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import aio_pika
 
 from bench.api_load import body
+from bench.disk_limit import files_per_second
+from bench.http_load import post_all, request_body
+from bench.renames import Renames
 from services.common.wire import PARTS_HEADER
 from tests.support.net import free_port
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 SHARDS = 5
+SCRIPT = Path(sys.executable).parent / "async-data-processor"
 
 
 async def fill(prefix: str, entries: int, per_message: int) -> int:
@@ -83,9 +100,9 @@ def processed(port: int) -> float:
     )
 
 
-def ready(port: int) -> bool:
+def answers(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+        with urllib.request.urlopen(url, timeout=1) as r:
             return bool(r.status == 200)
     except OSError:
         return False
@@ -98,126 +115,241 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def drain_consumer(
-    prefix: str,
-    entries: int,
-    batch_size: int,
-    out: Path,
-    sample_rss: bool = False,
-    exactly_once: bool = True,
-) -> tuple[float, list[float]]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "RABBITMQ_URL": RABBITMQ_URL,
+@contextmanager
+def process(command: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [str(SCRIPT), command],
+        env={**os.environ, "RABBITMQ_URL": RABBITMQ_URL, "LOG_LEVEL": "WARNING", **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def consumer_env(prefix: str, out: Path, port: int, **settings: str) -> dict[str, str]:
+    return {
         "QUEUE_PREFIX": prefix,
         "SHARDS_COUNT": str(SHARDS),
         "DATA_OUTPUT_DIR": str(out),
         "METRICS_PORT": str(port),
-        "BATCH_SIZE": str(batch_size),
-        "LOG_LEVEL": "WARNING",
         "HISTORY_LOG_INTERVAL_SECONDS": "0",
-        "EXACTLY_ONCE": str(exactly_once).lower(),
+        **settings,
     }
-    script = Path(sys.executable).parent / "async-data-processor"
-    proc = subprocess.Popen(
-        [str(script), "message-consumer"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    samples: list[float] = []
+
+
+def wait_until(condition: object, proc: subprocess.Popen[bytes], what: str) -> None:
+    while not condition():  # type: ignore[operator]
+        if proc.poll() is not None:
+            raise SystemExit(f"{what}: the process exited")
+        time.sleep(0.05)
+
+
+def drain_defaults(entries: int, latency_seconds: float) -> dict[str, float]:
+    """The defaults case (module docstring)."""
+    prefix = f"adp_bench_{uuid.uuid4().hex[:8]}_"
+    out = Path(tempfile.mkdtemp(prefix="adp-bench-"))
+    figures: dict[str, float] = {}
     try:
-        while not ready(port):  # connected: timed from here, as the bare consumer is
-            if proc.poll() is not None:
-                raise SystemExit("the consumer exited")
-            time.sleep(0.005)
-        started = time.monotonic()
-        while processed(port) < entries:
-            if proc.poll() is not None:
-                raise SystemExit("the consumer exited")
-            if sample_rss:
-                samples.append(rss_mib(proc.pid))
-            time.sleep(0.5 if sample_rss else 0.02)
-        elapsed = time.monotonic() - started
+        figures["limit_files_s"] = files_per_second(out)
+        api_port, port = free_port(), free_port()
+        api_env = {"QUEUE_PREFIX": prefix, "SHARDS_COUNT": str(SHARDS), "PORT": str(api_port)}
+        api_env["HOST"] = "127.0.0.1"
+        with process("server", api_env) as api:
+            wait_until(lambda: answers(f"http://127.0.0.1:{api_port}/readyz"), api, "api")
+            requests = entries // 5
+            accepted = asyncio.run(
+                post_all(api_port, requests, lambda n: request_body(n, 5, "d"), connections=32)
+            )
+            filled = 5 * len(accepted)
+            with process("message-consumer", consumer_env(prefix, out, port)) as consumer:
+                wait_until(lambda: answers(f"http://127.0.0.1:{port}/readyz"), consumer, "ready")
+                started = time.monotonic()
+                rss = 0.0
+                while processed(port) < filled:
+                    if consumer.poll() is not None:
+                        raise SystemExit("the consumer exited")
+                    rss = max(rss, rss_mib(consumer.pid))
+                    time.sleep(0.1)
+                elapsed = time.monotonic() - started
+                files = sum(1 for _ in out.glob("*.jsonl"))
+                figures.update(
+                    entries=filled,
+                    entries_s=filled / elapsed,
+                    files_s=files / elapsed,
+                    rss_mib=rss,
+                )
+                figures["share"] = figures["files_s"] / figures["limit_files_s"]
+                figures.update(half_load(api_port, port, out, filled, figures, latency_seconds))
     finally:
-        proc.terminate()
-        proc.wait(30)
-    return entries / elapsed, samples
+        asyncio.run(delete(prefix))
+        shutil.rmtree(out, ignore_errors=True)
+    return figures
 
 
-def drain_bare(prefix: str, messages: int, entries: int, prefetch: int) -> float:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.bare_consumer",
-            RABBITMQ_URL,
-            prefix,
-            str(SHARDS),
-            str(prefetch),
-            str(messages),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return entries / float(out.strip())
+def half_load(
+    api_port: int, port: int, out: Path, before: int, figures: dict[str, float], seconds: float
+) -> dict[str, float]:
+    """Requests of 5 entries at half the drained rate; accepted→on-disk per request."""
+    rate = figures["entries_s"] / 2 / 5  # requests/s
+    count = int(rate * seconds)
+    renames = Renames(out)
+    try:
+        accepted = asyncio.run(
+            post_all(api_port, count, lambda n: request_body(n, 5, "L"), connections=16, rate=rate)
+        )
+        deadline = time.monotonic() + 30
+        while processed(port) < before + 5 * len(accepted) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+    finally:
+        renames.close()
+    on_disk: dict[int, float] = {}
+    for name, moment in renames.seen.items():
+        for line in (out / name).read_text().splitlines():
+            value = json.loads(line)["value"]
+            if value.startswith("L"):
+                number = int(value[1:].split("-")[0])
+                on_disk[number] = max(on_disk.get(number, 0.0), moment)
+    latencies = sorted(on_disk[n] - accepted[n] for n in accepted if n in on_disk)
+    missing = len(accepted) - len(latencies)
+    quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
+    return {
+        "half_rate_entries_s": 5 * len(accepted) / seconds,
+        "p50_ms": 1000 * quantiles[49],
+        "p99_ms": 1000 * quantiles[98],
+        "latency_missing": missing,
+    }
+
+
+def drain_large_batches(entries: int) -> dict[str, float]:
+    """BATCH_SIZE 1000, 100-entry messages: the consumer against the bare one, both from
+    the process's start."""
+    prefix = f"adp_bench_{uuid.uuid4().hex[:8]}_"
+    out = Path(tempfile.mkdtemp(prefix="adp-bench-"))
+    try:
+        messages = asyncio.run(fill(prefix, entries, 100))
+        started = time.monotonic()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.bare_consumer",
+                RABBITMQ_URL,
+                prefix,
+                str(SHARDS),
+                str(prefetch_for(1000)),
+                str(messages),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        bare = entries / (time.monotonic() - started)
+        asyncio.run(fill(prefix, entries, 100))
+        port = free_port()
+        env = consumer_env(prefix, out, port, BATCH_SIZE="1000")
+        started = time.monotonic()
+        with process("message-consumer", env) as consumer:
+            wait_until(lambda: processed(port) >= entries, consumer, "drain")
+            rate = entries / (time.monotonic() - started)
+    finally:
+        asyncio.run(delete(prefix))
+        shutil.rmtree(out, ignore_errors=True)
+    return {"bare_entries_s": bare, "entries_s": rate, "share": rate / bare}
+
+
+def backlog_rss(entries: int) -> tuple[float, list[float]]:
+    prefix = f"adp_bench_{uuid.uuid4().hex[:8]}_"
+    out = Path(tempfile.mkdtemp(prefix="adp-bench-"))
+    try:
+        asyncio.run(fill(prefix, entries, 100))
+        port = free_port()
+        samples: list[float] = []
+        with process("message-consumer", consumer_env(prefix, out, port)) as consumer:
+            wait_until(lambda: answers(f"http://127.0.0.1:{port}/readyz"), consumer, "ready")
+            started = time.monotonic()
+            while processed(port) < entries:
+                if consumer.poll() is not None:
+                    raise SystemExit("the consumer exited")
+                samples.append(rss_mib(consumer.pid))
+                time.sleep(0.5)
+            rate = entries / (time.monotonic() - started)
+    finally:
+        asyncio.run(delete(prefix))
+        shutil.rmtree(out, ignore_errors=True)
+    return rate, samples
 
 
 def prefetch_for(batch_size: int) -> int:
     return min(10_000, max(32, 2 * batch_size * 4))  # the consumer's default
 
 
+def spread(values: list[float]) -> str:
+    return f"{min(values):.0f} / {statistics.median(values):.0f} / {max(values):.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--api-entries", type=int, default=150_000)
     parser.add_argument("--entries", type=int, default=200_000)
-    parser.add_argument("--per-message", default="1,100")
-    parser.add_argument("--batch-sizes", default="5,1000")
     parser.add_argument("--backlog", type=int, default=1_000_000)
-    parser.add_argument("--exactly-once", default="on,off")
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--cases", default="defaults,large")
     args = parser.parse_args()
-    modes = [mode == "on" for mode in args.exactly_once.split(",")]
-    rows = []
-    for per_message in (int(x) for x in args.per_message.split(",")):
-        for batch_size in (int(x) for x in args.batch_sizes.split(",")):
-            prefix = f"adp_bench_{uuid.uuid4().hex[:8]}_"
-            try:
-                messages = asyncio.run(fill(prefix, args.entries, per_message))
-                bare = drain_bare(prefix, messages, args.entries, prefetch_for(batch_size))
-                for exactly_once in modes:
-                    out = Path(tempfile.mkdtemp(prefix="adp-bench-"))
-                    try:
-                        asyncio.run(fill(prefix, args.entries, per_message))
-                        rate, _ = drain_consumer(
-                            prefix, args.entries, batch_size, out, exactly_once=exactly_once
-                        )
-                        files = len(list(out.glob("*.jsonl")))
-                    finally:
-                        shutil.rmtree(out, ignore_errors=True)
-                    rows.append((per_message, batch_size, exactly_once, bare, rate, files))
-            finally:
-                asyncio.run(delete(prefix))
-    print(
-        f"{'entries/msg':>11} {'BATCH_SIZE':>10} {'ledger':>6} {'bare e/s':>10} "
-        f"{'consumer e/s':>12} {'share':>6} {'files':>7}"
-    )
-    for per_message, batch_size, exactly_once, bare, rate, files in rows:
-        print(
-            f"{per_message:>11} {batch_size:>10} {'on' if exactly_once else 'off':>6} "
-            f"{bare:>10.0f} {rate:>12.0f} {rate / bare:>6.0%} {files:>7}"
-        )
+    cases = args.cases.split(",")
+    defaults: list[dict[str, float]] = []
+    large: list[dict[str, float]] = []
+    for run in range(1, args.runs + 1):
+        if "defaults" in cases:
+            d = drain_defaults(args.api_entries, args.latency_seconds)
+            defaults.append(d)
+            print(
+                f"run {run} defaults: disk limit {d['limit_files_s']:.0f} files/s; drained "
+                f"{d['entries']:.0f} entries at {d['entries_s']:.0f} entries/s = "
+                f"{d['files_s']:.0f} files/s = {d['share']:.2f} of the limit; RSS max "
+                f"{d['rss_mib']:.0f} MiB; at half load ({d['half_rate_entries_s']:.0f} "
+                f"entries/s) accepted->on disk p50 {d['p50_ms']:.0f} ms, p99 "
+                f"{d['p99_ms']:.0f} ms ({d['latency_missing']:.0f} requests not traced)",
+                flush=True,
+            )
+        if "large" in cases:
+            r = drain_large_batches(args.entries)
+            large.append(r)
+            print(
+                f"run {run} BATCH_SIZE 1000, 100 entries/message: bare {r['bare_entries_s']:.0f}"
+                f" entries/s, consumer {r['entries_s']:.0f} entries/s = {r['share']:.2f} of bare",
+                flush=True,
+            )
+    if defaults:
+        print("defaults over runs, min / median / max:")
+        for key, label in [
+            ("limit_files_s", "disk limit files/s"),
+            ("entries_s", "entries/s"),
+            ("files_s", "files/s"),
+            ("share", "share of the limit x100"),
+            ("p50_ms", "p50 ms at half load"),
+            ("p99_ms", "p99 ms at half load"),
+            ("rss_mib", "RSS MiB"),
+        ]:
+            values = [d[key] * (100 if key == "share" else 1) for d in defaults]
+            print(f"  {label:<26} {spread(values)}")
+    if large:
+        print("BATCH_SIZE 1000 over runs, min / median / max:")
+        for key, label in [
+            ("bare_entries_s", "bare entries/s"),
+            ("entries_s", "consumer entries/s"),
+            ("share", "share of bare x100"),
+        ]:
+            values = [r[key] * (100 if key == "share" else 1) for r in large]
+            print(f"  {label:<26} {spread(values)}")
     if args.backlog:
-        prefix = f"adp_bench_{uuid.uuid4().hex[:8]}_"
-        out = Path(tempfile.mkdtemp(prefix="adp-bench-"))
-        try:
-            asyncio.run(fill(prefix, args.backlog, 100))
-            rate, samples = drain_consumer(prefix, args.backlog, 5, out, sample_rss=True)
-        finally:
-            asyncio.run(delete(prefix))
-            shutil.rmtree(out, ignore_errors=True)
+        rate, samples = backlog_rss(args.backlog)
         print(
-            f"backlog of {args.backlog} entries (100 per message), BATCH_SIZE 5: drained at "
+            f"backlog of {args.backlog} entries (100 per message), defaults: drained at "
             f"{rate:.0f} entries/s; consumer RSS MiB min {min(samples):.1f}, "
             f"max {max(samples):.1f} over {len(samples)} samples "
             f"(first {samples[:3]}, last {samples[-3:]})"

@@ -2,27 +2,36 @@
 made durable together, so the per-file costs that do not depend on the file (the ledger's
 fdatasync, the directory's fsync) are paid once per group.
 
-Each batch's temporary file is encoded (JSON Lines, compressed) and written and fsynced on
-its own writer thread as soon as it comes (the disk overlaps those fsyncs), in its batch's
-directory under the output root, created if missing. A file ready joins the next group; a group is
-started at once when fewer than `max_groups` are in progress, so a lone batch at low load
-waits for nobody, and under load the files that became ready meanwhile form the next group.
-A group, on one thread:
+How the files' data is made durable (SYNC_MODE):
 
-1. the ledger records of all its files: one append, one fdatasync (before any rename);
-2. per file: commit (a batch whose worker timed out was abandoned: its file is dropped,
-   the rest of the group goes on), rename into place;
-3. one fsync per directory touched: each directory a file was renamed into, and the parent
-   of each directory not yet known durable (a new one, or one first used by this process),
-   so a new directory's own entry survives a crash too;
-4. the ledger's confirmations (of the files whose directories all synced; the others stay
-   unconfirmed until a later sync succeeds), one append. The ledger names files by their
-   path relative to the output root.
+- `group` (the default, Linux 5.8+): each temporary file is encoded (JSON Lines,
+  compressed: `encoding`) and written (not synced) on a writer thread as soon as it comes,
+  in its batch's directory under the output root, made if missing; the group appends the
+  records of all its files to the ledger and syncs the file system once (`syncfs`): every
+  file's data and the records are durable together, one write-back and one disk flush
+  however many files the group holds; then each file's own write-back errors are checked
+  on its descriptor;
+- `file`: each temporary file is fsynced on its own writer thread, and meanwhile its
+  record joins the next *record group* (the records of every batch that came while the
+  previous one was being synced: one append, one fdatasync). A flush per file: for file
+  systems where a whole-file-system sync is unwelcome (a volume shared with others).
 
-Only then does each batch's `commit` return (or raise OSError / `Abandoned` for that batch
-alone), and its deliveries can be acked. A kill at any point leaves either temporary files
-(removed at start-up, their deliveries unacked) or records whose files are there or not —
-the ledger counts a record only if its file is in place and the directory synced.
+Then, the records durable before any rename, the *rename group*: per file, commit (a batch
+whose worker timed out was abandoned: its file is dropped, the rest of the group goes on)
+and rename into place; one fsync per directory touched — each directory a file was renamed
+into, and the parent of each directory not yet known durable (a new one, or one first used
+by this process), so a new directory's own entry survives a crash too; then the ledger's
+confirmations (of the files whose directories all synced; the others stay unconfirmed until
+a later sync succeeds) and abort lines for the dropped ones, in one append. The ledger
+names files by their path relative to the output root.
+
+A group of either kind starts at once while fewer than `max_groups` of that kind are in
+progress, so a lone batch at low load waits for nobody; under load, the batches that came
+meanwhile form the next group. Only after its rename group does a batch's future resolve
+(or fail with OSError / `Abandoned`, for that batch alone), and its deliveries can be
+acked. A kill at any point leaves temporary files (removed at start-up; their deliveries
+were never acked) and records whose files are in place or not: the ledger counts a record
+only if its file is there and the directory was synced since.
 """
 
 from __future__ import annotations
@@ -34,19 +43,30 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from services.common.schema import Entry
-from services.consumer.batch import Batch
+from services.consumer.batch import Batch, Span
 from services.consumer.encoding import json_lines
-from services.consumer.files import fsync_directory, write_durably
+from services.consumer.files import (
+    check_written,
+    fsync_directory,
+    sync_filesystem,
+    syncfs_available,
+    write_durably,
+    write_unflushed,
+)
 from services.consumer.ledger_log import LedgerLog
 
 log = logging.getLogger(__name__)
 
-MAX_GROUPS = 2  # groups in progress at once: one committing, the next one forming
+MAX_GROUPS = 2  # groups of each kind in progress at once: one syncing, the next forming
 # Directories remembered as durable (their own entry synced); past it the memory starts
 # over, which only costs one more parent fsync per directory.
 MAX_KNOWN_DIRECTORIES = 10_000
+SyncMode = Literal["group", "file"]
+
+Outcome = BaseException | None  # None: that step succeeded
 
 
 class Abandoned(Exception):
@@ -56,13 +76,66 @@ class Abandoned(Exception):
 @dataclass(eq=False)
 class _Job:
     batch: Batch
-    name: str  # the file's path relative to the output root (posix): the ledger's name
+    name: str
     temporary: Path
     final: Path
     done: asyncio.Future[None]
-    spans: list[tuple[str, int, int]] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
     # Its directory and those above it (relative) not known durable when it was written.
     unsynced: list[str] = field(default_factory=list)
+    written: bool = False  # the temporary file's write ended (error set if it failed)
+    recorded: bool = False  # the record step ended (True at once without a ledger)
+    in_log: bool = False  # its record is in the ledger's log (an abort must say so)
+    error: BaseException | None = None
+    fd: int | None = None  # SYNC_MODE=group: the temporary file, open until checked
+
+
+class _Groups:
+    """Runs `step` on groups of jobs on the executor, at most `limit` groups at once; each
+    group is every job that came while the earlier ones ran."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        step: Callable[[list[_Job]], list[Outcome]],
+        after: Callable[[_Job, Outcome], None],
+        limit: int,
+        on_group: Callable[[int], None] = lambda size: None,
+    ) -> None:
+        self._executor = executor
+        self._step = step
+        self._after = after
+        self._limit = limit
+        self._on_group = on_group
+        self._waiting: list[_Job] = []
+        self._running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add(self, job: _Job) -> None:
+        self._waiting.append(job)
+        self._start()
+
+    def _start(self) -> None:
+        while self._waiting and self._running < self._limit:
+            jobs, self._waiting = self._waiting, []
+            self._running += 1
+            task = asyncio.get_running_loop().create_task(self._run(jobs), name="group-commit")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, jobs: list[_Job]) -> None:
+        self._on_group(len(jobs))
+        loop = asyncio.get_running_loop()
+        try:
+            outcomes = await loop.run_in_executor(self._executor, self._step, jobs)
+        except Exception as exc:
+            log.exception("group commit step failed")
+            outcomes = [exc] * len(jobs)
+        finally:
+            self._running -= 1
+            self._start()
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            self._after(job, outcome)
 
 
 class GroupCommit:
@@ -72,14 +145,16 @@ class GroupCommit:
         executor: Executor,
         ledger: LedgerLog | None = None,
         *,
+        sync: SyncMode = "group",
         max_groups: int = MAX_GROUPS,
         encode: Callable[[list[Entry]], bytes] = json_lines,
         on_group: Callable[[int], None] = lambda batches: None,
     ) -> None:
         """`directory` is the output root (each batch's own directory is under it);
         `executor` runs the writes and the groups (it needs a thread per batch being
-        written at once, plus `max_groups`); `encode` makes a file's bytes of its entries
-        (on the writer thread); `on_group(batches)` is told each group's size."""
+        written at once, plus twice `max_groups`); `encode` makes a file's bytes of its
+        entries (on the writer thread); `on_group(batches)` is told each rename group's
+        size."""
         self.directory = directory
         self._executor = executor
         self._ledger = ledger
@@ -87,11 +162,12 @@ class GroupCommit:
         # Relative directories whose own entry is known synced. Written from the writer
         # threads, one set operation at a time (each atomic under the GIL).
         self._durable: set[str] = set()
-        self._max_groups = max_groups
-        self._on_group = on_group
-        self._ready: list[_Job] = []
-        self._running = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        if sync == "group" and not syncfs_available():
+            log.warning("SYNC_MODE=group needs Linux 5.8 or later (syncfs); using SYNC_MODE=file")
+            sync = "file"
+        self.sync = sync
+        self._records = _Groups(executor, self._record, self._recorded, max_groups)
+        self._renames = _Groups(executor, self._rename, _settle, max_groups, on_group)
 
     def submit(self, batch: Batch, name: str) -> asyncio.Future[None]:
         """Write `batch` to the file `name`, durably, as part of a group. The future is
@@ -107,71 +183,87 @@ class GroupCommit:
             folder / name,
             loop.create_future(),
             batch.spans,
+            # Recorded in the rename group itself when one syncfs covers the records too.
+            recorded=self._ledger is None or self.sync == "group",
         )
         written = loop.run_in_executor(self._executor, self._write_temporary, job)
         written.add_done_callback(lambda future: self._written(job, future))
+        if not job.recorded:
+            self._records.add(job)
         return job.done
 
     def _written(self, job: _Job, future: asyncio.Future[None]) -> None:
         if future.cancelled():  # the executor was shut down: nothing was made
-            _settle(job, Abandoned(job.name))
-            return
-        error = future.exception()
-        if error is not None:
-            _settle(job, error)
-            return
-        self._ready.append(job)
-        self._start_groups()
+            job.error = job.error or Abandoned(job.name)
+        elif (error := future.exception()) is not None:
+            job.error = job.error or error
+        job.written = True
+        self._advance(job)
 
-    def _start_groups(self) -> None:
-        while self._ready and self._running < self._max_groups:
-            jobs, self._ready = self._ready, []
-            self._running += 1
-            task = asyncio.get_running_loop().create_task(self._group(jobs), name="group-commit")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _recorded(self, job: _Job, outcome: Outcome) -> None:
+        if outcome is not None:
+            job.error = job.error or outcome
+        job.recorded = True
+        self._advance(job)
 
-    async def _group(self, jobs: list[_Job]) -> None:
-        self._on_group(len(jobs))
-        loop = asyncio.get_running_loop()
-        try:
-            outcomes = await loop.run_in_executor(self._executor, self._commit, jobs)
-        except BaseException as exc:
-            outcomes = [exc] * len(jobs)
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            self._running -= 1
-            self._start_groups()
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            _settle(job, outcome)
+    def _advance(self, job: _Job) -> None:
+        if job.written and job.recorded:  # also when one failed: the rename step cleans up
+            self._renames.add(job)
 
-    def _commit(self, jobs: list[_Job]) -> list[BaseException | None]:
-        """Writer thread: steps 1-4 of the module's docstring for one group; each job's
-        outcome (None: durable)."""
-        outcomes: list[BaseException | None] = [None] * len(jobs)
-        live = [i for i, job in enumerate(jobs) if not job.batch.abandoned]
-        for i in set(range(len(jobs))) - set(live):  # timed out while its file was written
-            outcomes[i] = Abandoned(jobs[i].name)
-            jobs[i].temporary.unlink(missing_ok=True)
+    def _record(self, jobs: list[_Job]) -> list[Outcome]:
+        """Writer thread: one append and one fdatasync for the records of `jobs` (those
+        not abandoned already)."""
+        assert self._ledger is not None
+        live = [job for job in jobs if not job.batch.abandoned]
         if not live:
-            return outcomes
-        if self._ledger is not None:
+            return [None] * len(jobs)
+        try:
+            self._ledger.record([(job.name, job.spans) for job in live])
+        except OSError as exc:
+            return [exc] * len(jobs)
+        for job in live:
+            job.in_log = True
+        return [None] * len(jobs)
+
+    def _flush(self, jobs: list[_Job]) -> None:
+        """SYNC_MODE=group: append the records of the group's live files, then one syncfs
+        makes them and the files' data durable. Marks the jobs that failed."""
+        live = [job for job in jobs if job.error is None and not job.batch.abandoned]
+        try:
+            if live:
+                if self._ledger is not None:
+                    self._ledger.record([(job.name, job.spans) for job in live], sync=False)
+                    for job in live:
+                        job.in_log = True
+                sync_filesystem(self.directory)
+        except OSError as exc:
+            # Records appended but maybe not durable are aborted below with their files.
+            for job in live:
+                job.error = exc
+        for job in jobs:
+            fd, job.fd = job.fd, None
+            if fd is None:
+                continue
             try:
-                self._ledger.record([(jobs[i].name, jobs[i].spans) for i in live])
+                check_written(fd)
             except OSError as exc:
-                for i in live:
-                    outcomes[i] = exc
-                    jobs[i].temporary.unlink(missing_ok=True)
-                return outcomes
-        renamed = [i for i in live if _rename(jobs[i], outcomes, i)]
+                job.error = job.error or exc
+
+    def _rename(self, jobs: list[_Job]) -> list[Outcome]:
+        """Writer thread: per job commit and rename, one directory fsync, the ledger's
+        confirmations and aborts; each job's outcome (None: durable)."""
+        if self.sync == "group":
+            self._flush(jobs)
+        outcomes: list[Outcome] = [self._put_in_place(job) for job in jobs]
+        renamed = [i for i, outcome in enumerate(outcomes) if outcome is None]
         failed = self._sync_directories(jobs[i] for i in renamed)
-        synced: list[int] = []
+        synced: list[_Job] = []
         for i in renamed:
-            error = next((failed[d] for d in _needs(jobs[i]) if d in failed), None)
+            job = jobs[i]
+            error = next((failed[d] for d in _needs(job) if d in failed), None)
             if error is None:
-                synced.append(i)
-                self._durable.update(jobs[i].unsynced)
+                synced.append(job)
+                self._durable.update(job.unsynced)
             else:
                 # In place but not durable: not confirmed, not acked. A retry finds the
                 # file unconfirmed and trusts it only once a directory sync succeeds.
@@ -179,9 +271,10 @@ class GroupCommit:
         if len(self._durable) > MAX_KNOWN_DIRECTORIES:
             self._durable.clear()
         if self._ledger is not None:
-            confirmed = [(jobs[i].name, jobs[i].spans) for i in synced]
-            unsynced = [(jobs[i].name, jobs[i].spans) for i in renamed if i not in synced]
-            aborted = [jobs[i].name for i in live if i not in renamed]
+            in_place = [jobs[i] for i in renamed]
+            confirmed = [(job.name, job.spans) for job in synced]
+            unsynced = [(job.name, job.spans) for job in in_place if job not in synced]
+            aborted = [job.name for job in jobs if job.in_log and job not in in_place]
             self._ledger.settled(confirmed, unsynced, aborted)
         return outcomes
 
@@ -198,22 +291,29 @@ class GroupCommit:
         return failed
 
     def _write_temporary(self, job: _Job) -> None:
-        """Writer thread: the job's bytes in its temporary file, fsynced; its directory
-        made if missing."""
+        """Writer thread: the job's bytes in its temporary file — synced (SYNC_MODE=file)
+        or left open for the group's syncfs (SYNC_MODE=group) — its directory made if
+        missing."""
         data = self._encode(job.batch.entries)
         directory = job.batch.directory
         try:
             try:
-                write_durably(job.temporary, data)
+                self._write_bytes(job, data)
             except FileNotFoundError:
                 if not directory:
                     raise  # the root itself is gone: the directory check recreates it
                 self._make_directories(directory)
-                write_durably(job.temporary, data)
+                self._write_bytes(job, data)
         except BaseException:
             job.temporary.unlink(missing_ok=True)
             raise
         job.unsynced = [d for d in _ancestry(directory) if d not in self._durable]
+
+    def _write_bytes(self, job: _Job, data: bytes) -> None:
+        if self.sync == "group":
+            job.fd = write_unflushed(job.temporary, data)
+        else:
+            write_durably(job.temporary, data)
 
     def _make_directories(self, directory: str) -> None:
         """Create the relative `directory` and any missing above it (not the root). A
@@ -225,19 +325,20 @@ class GroupCommit:
                 continue
             self._durable.discard(relative)  # (removed by someone, made again)
 
-
-def _rename(job: _Job, outcomes: list[BaseException | None], i: int) -> bool:
-    """Commit the job's batch and rename its file into place; False (and the outcome set)
-    if it was abandoned or the rename failed."""
-    try:
-        if not job.batch.commit():
-            raise Abandoned(job.name)
-        os.rename(job.temporary, job.final)
-    except (OSError, Abandoned) as exc:
-        outcomes[i] = exc
-        job.temporary.unlink(missing_ok=True)
-        return False
-    return True
+    def _put_in_place(self, job: _Job) -> Outcome:
+        """Commit the job's batch and rename its file; the failure if it cannot be."""
+        try:
+            if job.error is not None:
+                raise job.error
+            if self._ledger is not None and not job.in_log:
+                raise Abandoned(job.name)  # abandoned before its record: never renamed
+            if not job.batch.commit():
+                raise Abandoned(job.name)
+            os.rename(job.temporary, job.final)
+        except (OSError, Abandoned) as exc:
+            job.temporary.unlink(missing_ok=True)
+            return exc
+        return None
 
 
 def _ancestry(directory: str) -> list[str]:
@@ -255,7 +356,7 @@ def _needs(job: _Job) -> list[str]:
     return [job.batch.directory, *parents]
 
 
-def _settle(job: _Job, outcome: BaseException | None) -> None:
+def _settle(job: _Job, outcome: Outcome) -> None:
     if job.done.done():
         return
     if outcome is None:

@@ -92,9 +92,9 @@ class LedgerLog:
 
     # --- a group commit's steps (writer threads) ------------------------------------------
 
-    def record(self, files: list[tuple[str, list[Span]]]) -> None:
+    def record(self, files: list[tuple[str, list[Span]]], *, sync: bool = True) -> None:
         """Before the renames: make the records of these files durable (one append, one
-        fdatasync)."""
+        fdatasync; without `sync`, the caller syncs the file system itself)."""
         now = self._clock()
         lines = b"".join(
             to_json({"t": now, "f": name, "p": spans}) + b"\n" for name, spans in files
@@ -111,7 +111,8 @@ class LedgerLog:
                     self._recording.pop(name, None)
                 raise
         try:
-            os.fdatasync(fd)  # outside the lock: the lookups go on meanwhile
+            if sync:
+                os.fdatasync(fd)  # outside the lock: the lookups go on meanwhile
         finally:
             os.close(fd)
 

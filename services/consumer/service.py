@@ -105,9 +105,9 @@ class ConsumerService:
         self.history = WorkerHistory(settings.history_limit)
         self.topology = Topology.from_settings(settings)
         # A writer thread per batch that can be in progress at once (a worker's), plus the
-        # group commits in progress.
+        # group commits in progress (record and rename groups).
         self._executor = ThreadPoolExecutor(
-            max_workers=settings.shards_count * settings.workers_max + MAX_GROUPS,
+            max_workers=settings.shards_count * settings.workers_max + 2 * MAX_GROUPS,
             thread_name_prefix="adp-write",
         )
         # The sink owns the ledger; the service keeps it only to settle acked messages.
@@ -119,6 +119,7 @@ class ConsumerService:
             self._executor,
             ledger,
             compression=settings.output_compression,
+            sync=settings.sync_mode,
             on_group=self.metrics.group_batches.observe,
         )
         self.sink = wrap_sink(sink) if wrap_sink is not None else sink

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -117,6 +118,14 @@ class ConsumerSettings(BrokerSettings):
         description="Keep a ledger of the entries already written (in DATA_OUTPUT_DIR/.ledger/"
         "), so a redelivered message or a client's retry with the same Idempotency-Key is "
         "not written twice. Off: at-least-once, one fsync less per file.",
+    )
+    sync_mode: Literal["group", "file"] = Field(
+        "group",
+        description="How batch files are made durable. group: each group commit syncs the file "
+        "system of DATA_OUTPUT_DIR once (syncfs, Linux 5.8+; one disk flush for all its files "
+        "and their ledger records); give the consumer a volume of its own. file: an fsync per "
+        "file, for a volume shared with other writers (a whole-file-system sync would flush "
+        "theirs too).",
     )
     ledger_retention_seconds: float = Field(
         3600.0,

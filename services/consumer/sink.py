@@ -30,7 +30,7 @@ from pydantic_core import to_json
 from services.consumer.batch import Batch
 from services.consumer.encoding import SUFFIXES, Compression, encode
 from services.consumer.files import fsync_directory, write_durably
-from services.consumer.group import Abandoned, GroupCommit
+from services.consumer.group import Abandoned, GroupCommit, SyncMode
 from services.consumer.layout import FileNames, safe_host
 from services.consumer.ledger import Ledger
 from services.consumer.ledger_log import LEDGER_DIR
@@ -69,6 +69,7 @@ class FileSink:
         ledger: Ledger | None = None,
         *,
         compression: Compression = "none",
+        sync: SyncMode = "group",
         on_group: Callable[[int], None] = lambda batches: None,
     ) -> None:
         """`directory` is the output root; each batch's file goes in its batch's
@@ -83,6 +84,7 @@ class FileSink:
             executor,
             ledger.log if ledger is not None else None,
             encode=functools.partial(encode, compression=compression),
+            sync=sync,
             on_group=on_group,
         )
         # Its own thread, so a probe is not stuck behind writes hung on the same disk.

@@ -4,12 +4,8 @@ what it forgets."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import resource
-import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,6 +19,7 @@ from services.consumer.ledger import Ledger
 from services.consumer.ledger_log import _missing
 from tests.support import deliveries
 from tests.support.consumer import written_lines
+from tests.support.faults import files_limited_to
 
 
 class FakeChannel:
@@ -396,20 +393,6 @@ async def test_a_delivery_gone_stale_while_its_batch_waits_is_not_written_again(
         assert [e["value"] for e in admitted.entries] == [], "D written a second time"
     finally:
         ledger.release(admitted)
-
-
-@contextlib.contextmanager
-def files_limited_to(size: int) -> Iterator[None]:
-    """The volume "fills" at `size` bytes per file (RLIMIT_FSIZE: a write crossing it is
-    cut short, the next fails), for this process and only inside the block."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
 
 
 async def test_a_log_append_cut_short_by_a_full_volume_does_not_swallow_the_next(
