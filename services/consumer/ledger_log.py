@@ -228,17 +228,25 @@ class LedgerLog:
             self._born.setdefault(part, born)
 
     def _forget(self, ids: Iterable[str]) -> None:
+        # Each file's own spans are filtered once for all the parts forgotten together: a
+        # file may hold many ranges of one part (a template interleaves a message's entries
+        # over directories), and filtering it once per range was quadratic.
+        gone: set[str] = set()
+        files: dict[str, None] = {}
         for part in ids:
+            gone.add(part)
             self._born.pop(part, None)
             for _, _, name in self._written.pop(part, ()):
-                own = self._own.get(name)
-                if own is None:
-                    continue
-                spans = [span for span in own[1] if span[0] != part]
-                if spans:
-                    self._own[name] = (own[0], spans)
-                else:  # nothing of that file left to remember
-                    del self._own[name]
+                files[name] = None
+        for name in files:
+            own = self._own.get(name)
+            if own is None:
+                continue
+            spans = [span for span in own[1] if span[0] not in gone]
+            if spans:
+                self._own[name] = (own[0], spans)
+            else:  # nothing of that file left to remember
+                del self._own[name]
 
     def _trim_to_limits(self, now: float) -> None:
         """Forget parts past the retention (their time is up), then the oldest beyond
