@@ -52,11 +52,13 @@ check-deploy: install
 unit: install tools
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-## bench: the API load and consumer drain benchmarks (not part of `make test`); needs wrk
+## bench: the API load, consumer drain and output layout benchmarks (not part of `make test`);
+## needs wrk
 bench: install broker
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python -m bench.api_load --repeat 3 $(BENCH_ARGS)
 	$(BIN)/python -m bench.consumer_drain
+	$(BIN)/python -m bench.layout_drain
 
 ## soak: the fault suite, ADP_FAULT_SCALE (default 10) times longer, then its figures table
 soak: install broker

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
 
@@ -143,3 +144,34 @@ async def test_many_distinct_hours_at_once_stay_within_the_open_batch_bound(
     assert sorted(e["value"] for es in found.values() for e in es) == sorted(
         e["value"] for e in sent
     )
+
+
+async def test_an_entry_naming_no_instant_makes_its_message_poison_under_a_template(
+    settings: Settings, topology: Callable[..., Topology], amqp: AbstractConnection
+) -> None:
+    """The API refuses 2019-02-30; a hand-published message may hold it. Under a template
+    it has no directory: the message goes to the dead-letter queue with the reason (nothing
+    is lost), and the shard keeps flowing."""
+    topo = topology(shards_count=1)
+    config = settings(topo, output_path_template=HIVE)
+    bad = b'[{"timestamp": "2019-10-12T07:20:50Z"}, {"timestamp": "2019-02-30T07:20:50Z"}]'
+    async with amqp.channel() as channel:
+        await topo.declare(channel)
+        await channel.default_exchange.publish(
+            aio_pika.Message(bad, message_id="no-instant"), routing_key=topo.queue_name(0)
+        )
+    good = spread_entries(14, "after")
+    await publish(amqp, topo, good, per_message=7)
+    async with run_consumer(config):
+        await all_written(config.data_output_dir, len(good))
+        await eventually(lambda: acked(topo), timeout=10, what="every message settled")
+    assert sorted(e["value"] for e in output_lines(config.data_output_dir)) == sorted(
+        e["value"] for e in good
+    )
+    async with amqp.channel() as channel:
+        queue = await channel.declare_queue(topo.dead_letter_queue, passive=True)
+        message = await queue.get(fail=False, no_ack=True)
+    assert message is not None
+    assert (message.message_id, message.body) == ("no-instant", bad)
+    reason = str(message.headers["x-adp-reason"])
+    assert "entry 1: timestamp: not a real instant" in reason, reason
