@@ -187,7 +187,6 @@ class ConsumerService:
         for pool, batcher in zip(self.pools, self.batchers, strict=True):
             state = pool.state()
             state["inflight_entries"] += batcher.buffered
-            state["open_batches"] = batcher.open_batches
             states.append(state)
         return states
 
