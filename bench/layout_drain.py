@@ -292,7 +292,12 @@ def main() -> None:
                 try:
                     run_case(case, messages, sizes[case.batch_size], results[case])
                     break
-                except (aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+                except (
+                    aio_pika.exceptions.AMQPError,
+                    ConnectionError,
+                    subprocess.SubprocessError,
+                    SystemExit,
+                ) as exc:
                     print(f"run {run + 1} {case.label}: {exc!r}; again", file=sys.stderr)
                     if attempt == 2:
                         raise
