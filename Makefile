@@ -4,8 +4,8 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint unit install broker bench bench-cluster cluster-up cluster-down soak audit \
-	audit-deps check-deploy clean
+.PHONY: run test lint unit install broker tools bench bench-cluster cluster-up cluster-down soak \
+	audit audit-deps check-deploy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,17 @@ install: $(STAMP)
 broker:
 	scripts/ensure-rabbitmq.sh
 
+## tools: the command-line tools the tests run (gzip, zstd: Debian packages, installed if missing)
+tools:
+	scripts/ensure-tools.sh
+
 ## run: install, make sure RabbitMQ answers, run API (PORT 8080) and consumer (METRICS_PORT 9100)
 run: install broker
 	$(BIN)/async-data-processor dev
 
-## test: install, make sure RabbitMQ answers, lint and type-check, audit the runtime
-## dependencies (PyPI's vulnerability data), run every test
-test: install broker lint audit-deps
+## test: install, make sure RabbitMQ answers and the tools are there, lint and type-check,
+## audit the runtime dependencies (PyPI's vulnerability data), run every test
+test: install broker tools lint audit-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## audit-deps: known vulnerabilities of the runtime dependencies, from PyPI (scripts/audit_deps.py)
@@ -46,15 +50,17 @@ check-deploy: install
 	scripts/check-shell.sh
 
 ## unit: the tests that need no broker
-unit: install
+unit: install tools
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-## bench: the API load, consumer drain and freshness benchmarks (not part of `make test`); needs wrk
+## bench: the API load, consumer drain, freshness and output layout benchmarks (not part of
+## `make test`); needs wrk
 bench: install broker
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python -m bench.api_load --repeat 3 $(BENCH_ARGS)
 	$(BIN)/python -m bench.consumer_drain
 	$(BIN)/python -m bench.freshness
+	$(BIN)/python -m bench.layout_drain
 
 ## bench-cluster: quorum queues on the local three-node cluster vs classic on one node, one run
 bench-cluster: install

@@ -1,13 +1,14 @@
-"""Deliveries, batches and the batcher that fills a shard's shared batch.
+"""Deliveries, batches and the batcher that fills a shard's shared batches.
 
 A delivery (one AMQP message) holds one or more entries; a batch holds at most BATCH_SIZE
 entries, from one or more deliveries, so a delivery's entries may span batches. Each
 delivery counts its entries not yet durably written; when the count reaches zero it is
 complete and can be acked (`acker.Acker`).
 
-The batcher seals the shared batch when it is full, or `max_wait` seconds after its first
-entry (on a timer, not only when the next entry comes), and hands sealed batches to the
-pool's queue.
+The batcher keeps one open batch per output directory (`layout`: one in all for the flat
+layout), and seals each when it is full (BATCH_SIZE entries, or BATCH_MAX_BYTES of JSON
+Lines), or `max_wait` seconds after its first entry (on its own timer, not only when the
+next entry comes), and hands sealed batches to the pool's queue.
 """
 
 from __future__ import annotations
@@ -122,6 +123,9 @@ class Batch:
     attempts: int = 0
     spans: list[Span] = field(default_factory=list)  # what the file holds, in file order
     _fate: _Fate = field(default_factory=_Fate)
+    # The directory its file goes in, relative to the output root ("" for the flat layout):
+    # every entry of the batch belongs there (`layout.PathTemplate`).
+    directory: str = ""
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -165,7 +169,14 @@ class Batch:
                 entries.extend(self.entries[offset : offset + source.settles])
                 sources.append(source)
             offset += source.settles
-        return Batch(self.shard, entries, sources, self.attempts, _fate=self._fate)
+        return Batch(
+            self.shard,
+            entries,
+            sources,
+            self.attempts,
+            _fate=self._fate,
+            directory=self.directory,
+        )
 
     def ranges(self) -> Iterator[tuple[Delivery, Part, int, int, int]]:
         """For each part of each source: its delivery, the part, (first, end) in the part's
@@ -189,7 +200,15 @@ class Batch:
     def only(self, entries: list[Entry], spans: list[Span]) -> Batch:
         """This batch writing only `entries` (the ledger found the rest already written),
         still settling every source."""
-        return Batch(self.shard, entries, self.sources, self.attempts, spans, self._fate)
+        return Batch(
+            self.shard,
+            entries,
+            self.sources,
+            self.attempts,
+            spans,
+            self._fate,
+            directory=self.directory,
+        )
 
     def retry(self) -> Batch:
         """The same entries as a fresh batch for the next attempt. A fresh object, because
@@ -198,53 +217,146 @@ class Batch:
         directory sync, say), so its deliveries are looked up in the ledger from now on."""
         for source in self.sources:
             source.delivery.check = True
-        return Batch(self.shard, self.entries, self.sources, self.attempts + 1)
+        return Batch(
+            self.shard,
+            self.entries,
+            self.sources,
+            self.attempts + 1,
+            directory=self.directory,
+        )
 
 
 Seal = Callable[[Batch], None]
+Route = Callable[[list[Entry]], list[str]]
+
+# Open batches per shard at most (one per directory that has entries waiting). Past it, the
+# oldest is sealed to make room: late or scattered timestamps make smaller files, never
+# unbounded memory or timers. The flat layout has one.
+MAX_OPEN_BATCHES = 64
+
+
+@dataclass(eq=False, slots=True)
+class _Open:
+    batch: Batch
+    timer: asyncio.TimerHandle
+    size: int = 0  # bytes of its entries' JSON Lines, uncompressed (if bounded)
 
 
 class Batcher:
-    """Fills one shard's shared batch; `seal` receives each full or expired batch."""
+    """Fills one shard's shared batches: one open batch per directory its entries belong
+    to (one in all for the flat layout), each sealed when it holds `batch_size` entries,
+    when the next entry would take its JSON Lines past `max_bytes` (0: no bound; an entry
+    larger on its own makes a batch alone), or `max_wait` seconds after its first entry,
+    on its own timer. `seal` receives each sealed batch; the pool's workers share them.
 
-    def __init__(self, shard: int, batch_size: int, max_wait: float, seal: Seal) -> None:
+    `route(entries)` gives each entry's directory (`layout.Router.directories`; None: the
+    flat layout). `size(entry)` is an entry's line length (`encoding.line_size`)."""
+
+    def __init__(
+        self,
+        shard: int,
+        batch_size: int,
+        max_wait: float,
+        seal: Seal,
+        *,
+        max_bytes: int = 0,
+        route: Route | None = None,
+        size: Callable[[Entry], int] | None = None,
+        max_open: int = MAX_OPEN_BATCHES,
+    ) -> None:
+        if max_bytes and size is None:
+            raise ValueError("a byte bound needs the entries' sizes")
         self._shard = shard
         self._size = batch_size
         self._max_wait = max_wait
         self._seal = seal
-        self._batch = Batch(shard)
-        self._timer: asyncio.TimerHandle | None = None
+        self._max_bytes = max_bytes
+        self._route = route
+        self._entry_size = size
+        self._max_open = max_open
+        self._open: dict[str, _Open] = {}  # insertion order: oldest first
+        self.peak_open = 0  # most batches open at once so far
 
     @property
     def buffered(self) -> int:
-        return len(self._batch)
+        return sum(len(item.batch) for item in self._open.values())
 
-    def add(self, delivery: Delivery, entries: list[Entry]) -> None:
-        """Add a delivery's entries, sealing as many full batches as they fill."""
-        start = 0
-        while start < len(entries):
-            room = self._size - len(self._batch)
-            chunk = entries[start : start + room]
-            if not self._batch.entries:
-                self._start_timer()
-            self._batch.add(delivery, chunk, start)
-            start += len(chunk)
-            if len(self._batch) >= self._size:
-                self.flush()
+    @property
+    def open_batches(self) -> int:
+        return len(self._open)
+
+    def directories(self, entries: list[Entry]) -> list[str] | None:
+        """Each entry's directory (None: all in the flat layout's one). Raises
+        `InvalidEntries` for a timestamp that names no instant: the delivery is poison."""
+        return None if self._route is None else self._route(entries)
+
+    def add(
+        self, delivery: Delivery, entries: list[Entry], directories: list[str] | None = None
+    ) -> None:
+        """Add a delivery's entries (`directories`: from `directories(entries)`), sealing
+        as many batches as they fill. A delivery's entries bound for one directory in a
+        row go to a batch as one source."""
+        sizes = [self._entry_size(e) for e in entries] if self._entry_size else None
+        start, count = 0, len(entries)
+        while start < count:
+            directory = "" if directories is None else directories[start]
+            item = self._open.get(directory) or self._start(directory)
+            batch = item.batch
+            end = min(count, start + self._size - len(batch))
+            if directories is not None:
+                end = _run_end(directories, start, end)
+            over = False
+            if sizes is not None:
+                end, item.size, over = _fit(sizes, start, end, item.size, self._max_bytes)
+            if end > start:
+                batch.add(delivery, entries[start:end], start)
+                start = end
+            if over or len(batch) >= self._size:
+                self._flush(directory)
 
     def flush(self) -> None:
-        """Seal the current batch now, if it holds anything."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._batch.entries:
-            batch, self._batch = self._batch, Batch(self._shard)
-            self._seal(batch)
+        """Seal every open batch now."""
+        for directory in list(self._open):
+            self._flush(directory)
 
-    def _start_timer(self) -> None:
+    def _start(self, directory: str) -> _Open:
+        while len(self._open) >= self._max_open:
+            self._flush(next(iter(self._open)))  # the oldest
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._max_wait, self._expired)
+        timer = loop.call_later(self._max_wait, self._flush, directory)
+        item = _Open(Batch(self._shard, directory=directory), timer)
+        self._open[directory] = item
+        self.peak_open = max(self.peak_open, len(self._open))
+        return item
 
-    def _expired(self) -> None:
-        self._timer = None
-        self.flush()
+    def _flush(self, directory: str) -> None:
+        item = self._open.pop(directory, None)
+        if item is None:
+            return
+        item.timer.cancel()
+        if item.batch.entries:
+            self._seal(item.batch)
+
+
+def _run_end(directories: list[str], start: int, end: int) -> int:
+    """The end of the run of entries from `start` (before `end`) bound for one directory."""
+    directory = directories[start]
+    stop = start + 1
+    while stop < end and directories[stop] == directory:
+        stop += 1
+    return stop
+
+
+def _fit(sizes: list[int], start: int, end: int, used: int, limit: int) -> tuple[int, int, bool]:
+    """How many of the entries [start, end) fit a batch holding `used` bytes under
+    `limit`: (their end, the bytes then, whether the batch is to be sealed — the next entry
+    would pass the bound, or it is at the bound). The first entry of an empty batch always
+    fits, however large."""
+    stop = start
+    while stop < end:
+        size = sizes[stop]
+        if used and used + size > limit:
+            return stop, used, True
+        used += size
+        stop += 1
+    return stop, used, used >= limit

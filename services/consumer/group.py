@@ -4,11 +4,13 @@ fdatasync, the directory's fsync) are paid once per group.
 
 How the files' data is made durable (SYNC_MODE):
 
-- `group` (the default, Linux 5.8+): each temporary file is written (not synced) on a
-  writer thread as soon as it comes; the group appends the records of all its files to
-  the ledger and syncs the file system once (`syncfs`): every file's data and the records
-  are durable together, one write-back and one disk flush however many files the group
-  holds; then each file's own write-back errors are checked on its descriptor;
+- `group` (the default, Linux 5.8+): each temporary file is encoded (JSON Lines,
+  compressed: `encoding`) and written (not synced) on a writer thread as soon as it comes,
+  in its batch's directory under the output root, made if missing; the group appends the
+  records of all its files to the ledger and syncs the file system once (`syncfs`): every
+  file's data and the records are durable together, one write-back and one disk flush
+  however many files the group holds; then each file's own write-back errors are checked
+  on its descriptor;
 - `file`: each temporary file is fsynced on its own writer thread, and meanwhile its
   record joins the next *record group* (the records of every batch that came while the
   previous one was being synced: one append, one fdatasync). A flush per file: for file
@@ -16,9 +18,12 @@ How the files' data is made durable (SYNC_MODE):
 
 Then, the records durable before any rename, the *rename group*: per file, commit (a batch
 whose worker timed out was abandoned: its file is dropped, the rest of the group goes on)
-and rename into place; one fsync per directory touched; then the ledger's confirmations
-(or, if the directory sync failed, nothing confirmed: those files stay unconfirmed until a
-later sync succeeds) and abort lines for the dropped ones, in one append.
+and rename into place; one fsync per directory touched — each directory a file was renamed
+into, and the parent of each directory not yet known durable (a new one, or one first used
+by this process), so a new directory's own entry survives a crash too; then the ledger's
+confirmations (of the files whose directories all synced; the others stay unconfirmed until
+a later sync succeeds) and abort lines for the dropped ones, in one append. The ledger
+names files by their path relative to the output root.
 
 A group of either kind starts at once while fewer than `max_groups` of that kind are in
 progress, so a lone batch at low load waits for nobody; under load, the batches that came
@@ -39,15 +44,15 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic_core import to_json
-
+from services.common.schema import Entry
 from services.consumer.batch import Batch, Span
+from services.consumer.encoding import json_lines
 from services.consumer.files import (
     check_written,
     fsync_directory,
@@ -61,6 +66,9 @@ from services.consumer.ledger_log import LedgerLog
 log = logging.getLogger(__name__)
 
 MAX_GROUPS = 4  # groups of each kind in progress at once (they share their syncs)
+# Directories remembered as durable (their own entry synced); past it the memory starts
+# over, which only costs one more parent fsync per directory.
+MAX_KNOWN_DIRECTORIES = 10_000
 SyncMode = Literal["group", "file"]
 
 Outcome = BaseException | None  # None: that step succeeded
@@ -78,6 +86,8 @@ class _Job:
     final: Path
     done: asyncio.Future[None]
     spans: list[Span] = field(default_factory=list)
+    # Its directory and those above it (relative) not known durable when it was written.
+    unsynced: list[str] = field(default_factory=list)
     written: bool = False  # the temporary file's write ended (error set if it failed)
     recorded: bool = False  # the record step ended (True at once without a ledger)
     in_log: bool = False  # its record is in the ledger's log (an abort must say so)
@@ -187,21 +197,30 @@ class GroupCommit:
         *,
         sync: SyncMode = "group",
         max_groups: int = MAX_GROUPS,
+        encode: Callable[[list[Entry]], bytes] = json_lines,
         on_group: Callable[[int], None] = lambda batches: None,
     ) -> None:
-        """`executor` runs the writes and the groups (it needs a thread per batch being
-        written at once, plus twice `max_groups`); `on_group(batches)` is told each rename
-        group's size."""
+        """`directory` is the output root (each batch's own directory is under it);
+        `executor` runs the writes and the groups (it needs a thread per batch being
+        written at once, plus twice `max_groups`); `encode` makes a file's bytes of its
+        entries (on the writer thread); `on_group(batches)` is told each rename group's
+        size."""
         self.directory = directory
         self._executor = executor
         self._ledger = ledger
+        self._encode = encode
+        # Relative directories whose own entry is known synced. Written from the writer
+        # threads, one set operation at a time (each atomic under the GIL).
+        self._durable: set[str] = set()
         if sync == "group" and not syncfs_available():
             log.warning("SYNC_MODE=group needs Linux 5.8 or later (syncfs); using SYNC_MODE=file")
             sync = "file"
         self.sync = sync
         # Shared by the groups in progress: one run serves the ones that asked meanwhile.
         self._flush_all = SharedSync(lambda: sync_filesystem(directory))
-        self._sync_directory = SharedSync(lambda: fsync_directory(directory))
+        # One per directory (relative; "" the root), made on first use.
+        self._directory_syncs: dict[str, SharedSync] = {}
+        self._directory_syncs_lock = threading.Lock()
         self._records = _Groups(executor, self._record, self._recorded, max_groups)
         self._renames = _Groups(executor, self._rename, _settle, max_groups, on_group)
 
@@ -211,18 +230,18 @@ class GroupCommit:
         recorded); it fails with OSError or `Abandoned` otherwise. Not cancellable (await
         it shielded): a job always finishes with its group, or finds its batch abandoned."""
         loop = asyncio.get_running_loop()
+        folder = self.directory / batch.directory if batch.directory else self.directory
         job = _Job(
             batch,
-            name,
-            self.directory / f".{name}.tmp",
-            self.directory / name,
+            f"{batch.directory}/{name}" if batch.directory else name,
+            folder / f".{name}.tmp",
+            folder / name,
             loop.create_future(),
             batch.spans,
             # Recorded in the rename group itself when one syncfs covers the records too.
             recorded=self._ledger is None or self.sync == "group",
         )
-        write = _write_unflushed if self.sync == "group" else _write_durably
-        written = loop.run_in_executor(self._executor, write, job)
+        written = loop.run_in_executor(self._executor, self._write_temporary, job)
         written.add_done_callback(lambda future: self._written(job, future))
         if not job.recorded:
             self._records.add(job)
@@ -291,21 +310,88 @@ class GroupCommit:
         if self.sync == "group":
             self._flush(jobs)
         outcomes: list[Outcome] = [self._put_in_place(job) for job in jobs]
-        renamed = [job for job, outcome in zip(jobs, outcomes, strict=True) if outcome is None]
-        synced = True
-        if renamed:
-            try:
-                self._sync_directory.sync()
-            except OSError as exc:
-                # In place but not durable: nothing confirmed, nothing acked. A retry finds
-                # the files unconfirmed and trusts them only once a directory sync succeeds.
-                synced = False
-                outcomes = [exc if outcome is None else outcome for outcome in outcomes]
+        renamed = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        failed = self._sync_directories(jobs[i] for i in renamed)
+        synced: list[_Job] = []
+        for i in renamed:
+            job = jobs[i]
+            error = next((failed[d] for d in _needs(job) if d in failed), None)
+            if error is None:
+                synced.append(job)
+                self._durable.update(job.unsynced)
+            else:
+                # In place but not durable: not confirmed, not acked. A retry finds the
+                # file unconfirmed and trusts it only once a directory sync succeeds.
+                outcomes[i] = error
+        if len(self._durable) > MAX_KNOWN_DIRECTORIES:
+            self._durable.clear()
         if self._ledger is not None:
-            done = [(job.name, job.spans) for job in renamed]
-            aborted = [job.name for job in jobs if job.in_log and job not in renamed]
-            self._ledger.settled(done if synced else [], [] if synced else done, aborted)
+            in_place = [jobs[i] for i in renamed]
+            confirmed = [(job.name, job.spans) for job in synced]
+            unsynced = [(job.name, job.spans) for job in in_place if job not in synced]
+            aborted = [job.name for job in jobs if job.in_log and job not in in_place]
+            self._ledger.settled(confirmed, unsynced, aborted)
         return outcomes
+
+    def _sync_directories(self, jobs: Iterable[_Job]) -> dict[str, OSError]:
+        """One fsync for each directory the jobs need synced (relative; "" the root),
+        deepest first; the directories whose sync failed, with the error."""
+        needed = {directory for job in jobs for directory in _needs(job)}
+        failed: dict[str, OSError] = {}
+        for directory in sorted(needed, key=lambda d: (-d.count("/"), d)):
+            try:
+                self._directory_sync(directory).sync()
+            except OSError as exc:
+                failed[directory] = exc
+        return failed
+
+    def _directory_sync(self, directory: str) -> SharedSync:
+        """The shared fsync of one directory: groups in progress that need the same
+        directory synced share one run."""
+        with self._directory_syncs_lock:
+            shared = self._directory_syncs.get(directory)
+            if shared is None:
+                if len(self._directory_syncs) >= MAX_KNOWN_DIRECTORIES:
+                    self._directory_syncs.clear()  # (a thread still using one keeps it)
+                path = self.directory / directory if directory else self.directory
+                shared = SharedSync(lambda: fsync_directory(path))
+                self._directory_syncs[directory] = shared
+            return shared
+
+    def _write_temporary(self, job: _Job) -> None:
+        """Writer thread: the job's bytes in its temporary file — synced (SYNC_MODE=file)
+        or left open for the group's syncfs (SYNC_MODE=group) — its directory made if
+        missing."""
+        data = self._encode(job.batch.entries)
+        directory = job.batch.directory
+        try:
+            try:
+                self._write_bytes(job, data)
+            except FileNotFoundError:
+                if not directory:
+                    raise  # the root itself is gone: the directory check recreates it
+                self._make_directories(directory)
+                self._write_bytes(job, data)
+        except BaseException:
+            job.temporary.unlink(missing_ok=True)
+            raise
+        job.unsynced = [d for d in _ancestry(directory) if d not in self._durable]
+
+    def _write_bytes(self, job: _Job, data: bytes) -> None:
+        if self.sync == "group":
+            job.fd = write_unflushed(job.temporary, data)
+        else:
+            write_durably(job.temporary, data)
+
+    def _make_directories(self, directory: str) -> None:
+        """Create the relative `directory` and any missing above it (not the root). A
+        directory created here is not durable until its parent is synced."""
+        for relative in _ancestry(directory):
+            try:
+                (self.directory / relative).mkdir()
+            except FileExistsError:
+                continue
+            self._durable.discard(relative)  # (removed by someone, made again)
 
     def _put_in_place(self, job: _Job) -> Outcome:
         """Commit the job's batch and rename its file; the failure if it cannot be."""
@@ -323,24 +409,19 @@ class GroupCommit:
         return None
 
 
-def _data(job: _Job) -> bytes:
-    return b"".join([to_json(entry) + b"\n" for entry in job.batch.entries])
+def _ancestry(directory: str) -> list[str]:
+    """ "a/b/c" -> ["a", "a/b", "a/b/c"]; "" (the root) -> []."""
+    if not directory:
+        return []
+    parts = directory.split("/")
+    return ["/".join(parts[: n + 1]) for n in range(len(parts))]
 
 
-def _write_durably(job: _Job) -> None:
-    try:
-        write_durably(job.temporary, _data(job))
-    except BaseException:
-        job.temporary.unlink(missing_ok=True)
-        raise
-
-
-def _write_unflushed(job: _Job) -> None:
-    try:
-        job.fd = write_unflushed(job.temporary, _data(job))
-    except BaseException:
-        job.temporary.unlink(missing_ok=True)
-        raise
+def _needs(job: _Job) -> list[str]:
+    """The directories (relative, "" the root) to sync before the job's file is durable:
+    its own, and the parent of each one not known durable."""
+    parents = [d.rpartition("/")[0] for d in job.unsynced]
+    return [job.batch.directory, *parents]
 
 
 def _settle(job: _Job, outcome: Outcome) -> None:

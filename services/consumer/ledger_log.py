@@ -5,7 +5,9 @@ A log per consumer process in the output volume, `.ledger/<host>.log`, JSON Line
 - `{"g": generation}` — the first line, new at each compaction (readers notice the rewrite);
 - `{"t": time, "f": file, "p": [[part, first, end], ...]}` — appended and fsynced *before*
   the batch file is renamed into place (so a file under its final name is always recorded).
-  A group commit appends the records of all its files in one write and one fdatasync;
+  A group commit appends the records of all its files in one write and one fdatasync.
+  `file` is the path relative to the output root (`date=2019-10-12/<name>.jsonl.zst`
+  under an OUTPUT_PATH_TEMPLATE), so the volume can be mounted anywhere;
 - `{"d": file}` — appended after the rename and a successful directory sync (not synced
   itself): the record is confirmed. A record without it (the process died between the two,
   or the directory sync failed) counts only if the file exists, and only once a directory
@@ -236,17 +238,25 @@ class LedgerLog:
             self._born.setdefault(part, born)
 
     def _forget(self, ids: Iterable[str]) -> None:
+        # Each file's own spans are filtered once for all the parts forgotten together: a
+        # file may hold many ranges of one part (a template interleaves a message's entries
+        # over directories), and filtering it once per range was quadratic.
+        gone: set[str] = set()
+        files: dict[str, None] = {}
         for part in ids:
+            gone.add(part)
             self._born.pop(part, None)
             for _, _, name in self._written.pop(part, ()):
-                own = self._own.get(name)
-                if own is None:
-                    continue
-                spans = [span for span in own[1] if span[0] != part]
-                if spans:
-                    self._own[name] = (own[0], spans)
-                else:  # nothing of that file left to remember
-                    del self._own[name]
+                files[name] = None
+        for name in files:
+            own = self._own.get(name)
+            if own is None:
+                continue
+            spans = [span for span in own[1] if span[0] not in gone]
+            if spans:
+                self._own[name] = (own[0], spans)
+            else:  # nothing of that file left to remember
+                del self._own[name]
 
     def _trim_to_limits(self, now: float) -> None:
         """Forget parts past the retention (their time is up), then the oldest beyond
@@ -324,11 +334,14 @@ class LedgerLog:
             self._forget(str(part) for part in item["s"])
 
     def _confirm(self) -> None:
-        """Records without their confirmation whose file is in place count once the
-        directory is synced (the rename may not have been, when their writer died)."""
+        """Records without their confirmation whose file is in place count once its
+        directory is synced (the rename may not have been, when their writer died), and
+        the directories above it up to the output root (it may have made them)."""
         present = [name for name in self._unconfirmed if (self.directory / name).exists()]
         if present:
-            fsync_directory(self.directory)
+            folders = {folder for name in present for folder in _folders(name)}
+            for folder in sorted(folders, key=lambda f: (-f.count("/"), f)):
+                fsync_directory(self.directory / folder if folder else self.directory)
             for name in present:
                 del self._unconfirmed[name]
 
@@ -390,6 +403,16 @@ class LedgerLog:
         self._size = len(data)
         # Compact again once the log has doubled: never on every write.
         self._compact_at = max(COMPACT_BYTES, 2 * len(data))
+
+
+def _folders(name: str) -> list[str]:
+    """The directories of a file named relative to the output root, from its own up to
+    the root (""): "a/b/f" -> ["a/b", "a", ""]."""
+    folders = []
+    while name:
+        name = name.rpartition("/")[0]
+        folders.append(name)
+    return folders
 
 
 def _generation(first_line: bytes) -> object:

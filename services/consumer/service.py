@@ -39,6 +39,7 @@ from services.common.wire import InvalidParts
 from services.consumer.acker import Acker
 from services.consumer.autoscaler import Autoscaler
 from services.consumer.batch import Batcher, Delivery
+from services.consumer.encoding import line_size
 from services.consumer.freshness import Freshness
 from services.consumer.group import MAX_GROUPS
 from services.consumer.history import WorkerHistory
@@ -118,6 +119,7 @@ class ConsumerService:
             settings.host_name,
             self._executor,
             ledger,
+            compression=settings.output_compression,
             sync=settings.sync_mode,
             on_group=self.metrics.group_batches.observe,
         )
@@ -141,10 +143,7 @@ class ConsumerService:
             )
             for shard in range(settings.shards_count)
         ]
-        self.batchers = [
-            Batcher(pool.shard, settings.batch_size, settings.batch_max_wait_seconds, pool.submit)
-            for pool in self.pools
-        ]
+        self.batchers = [self._new_batcher(settings, pool) for pool in self.pools]
         self._probe = BrokerDepthProbe(self.topology)
         self._broker = Broker(
             settings.broker_nodes(),
@@ -160,6 +159,19 @@ class ConsumerService:
         self._tasks: list[asyncio.Task[Any]] = []
         self._directory_ok = True
         self.metrics.broker_connected.set_function(lambda: float(self._broker.connected))
+
+    @staticmethod
+    def _new_batcher(settings: ConsumerSettings, pool: Pool) -> Batcher:
+        router = settings.path_template.router(pool.shard)
+        return Batcher(
+            pool.shard,
+            settings.batch_size,
+            settings.batch_max_wait_seconds,
+            pool.submit,
+            max_bytes=settings.batch_max_bytes,
+            route=router.directories if router is not None else None,
+            size=line_size if settings.batch_max_bytes else None,
+        )
 
     def _new_ledger(self, settings: ConsumerSettings) -> Ledger:
         duplicates = self.metrics.duplicates
@@ -232,12 +244,15 @@ class ConsumerService:
         if self.ledger is not None:
             self._tasks.append(asyncio.create_task(self._settle(), name="ledger-settle"))
         log.info(
-            "consumer started: %d shards, %d..%d workers each, batches of %d, output %s",
+            "consumer started: %d shards, %d..%d workers each, batches of %d, output %s%s "
+            "(compression %s)",
             s.shards_count,
             s.workers_min,
             s.workers_max,
             s.batch_size,
             s.data_output_dir,
+            f"/{s.output_path_template}" if s.output_path_template else "",
+            s.output_compression,
         )
         return self
 
@@ -319,12 +334,13 @@ class ConsumerService:
                 redeliveries.inc()
             try:
                 entries = parse_message(message.body)
+                directories = batcher.directories(entries)
                 delivery = Delivery.of(message, len(entries))
             except (InvalidEntries, InvalidParts) as exc:
                 await self._reject(shard, message, str(exc))
                 return
             self.freshness.arrived(shard, delivery)
-            batcher.add(delivery, entries)
+            batcher.add(delivery, entries, directories)
 
         return on_message
 

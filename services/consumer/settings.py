@@ -6,9 +6,11 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from services.common.settings import ServiceSettings
+from services.consumer.encoding import Compression
+from services.consumer.layout import PathTemplate, check_template
 
 
 class ConsumerSettings(ServiceSettings):
@@ -22,11 +24,32 @@ class ConsumerSettings(ServiceSettings):
     batch_size: int = Field(
         5, ge=1, le=100_000, description="Entries per batch file (a file never holds more)."
     )
+    batch_max_bytes: int = Field(
+        0,
+        ge=0,
+        le=1 << 30,
+        description="Bytes of JSON Lines (uncompressed) a batch file holds at most: a batch is "
+        "sealed before an entry would take it past this; an entry larger on its own is "
+        "written alone (0 = no bound).",
+    )
     batch_max_wait_seconds: float = Field(
         1.0,
         gt=0,
         le=3600,
         description="Seconds after its first entry that a partial batch is written anyway.",
+    )
+    output_path_template: str = Field(
+        "",
+        max_length=1000,
+        description="Directory of each batch file under DATA_OUTPUT_DIR, from the fields "
+        "{shard}, {year}, {month}, {day}, {hour} of each entry's timestamp in UTC, e.g. "
+        "date={year}-{month}-{day}/hour={hour}/shard={shard} (Hive style); empty = every "
+        "file directly in DATA_OUTPUT_DIR. Relative, no '..', no part starting with '.'.",
+    )
+    output_compression: Compression = Field(
+        "none",
+        description="Compression of each batch file: none (.jsonl), gzip (.jsonl.gz) or zstd "
+        "(.jsonl.zst); each file is one complete stream.",
     )
     worker_timeout_seconds: float = Field(
         30.0,
@@ -117,6 +140,12 @@ class ConsumerSettings(ServiceSettings):
         "(default: the host name, which is the pod name on Kubernetes).",
     )
 
+    @field_validator("output_path_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        check_template(value)  # InvalidTemplate is a ValueError: reported as the field's
+        return value
+
     @model_validator(mode="after")
     def _bounds(self) -> ConsumerSettings:
         if self.workers_min > self.workers_max:
@@ -130,3 +159,7 @@ class ConsumerSettings(ServiceSettings):
         # Acks follow the write, so filling one batch of one-entry messages needs
         # BATCH_SIZE unacked deliveries: room for two batches per worker keeps all busy.
         return self.prefetch_count or min(10_000, max(32, 2 * self.batch_size * self.workers_max))
+
+    @property
+    def path_template(self) -> PathTemplate:
+        return PathTemplate(self.output_path_template)

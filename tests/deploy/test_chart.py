@@ -547,6 +547,10 @@ def test_helm_test_hook_asks_the_api_healthz() -> None:
         ("config.ledgerMaxParts=999", "ledgerMaxParts"),
         ("config.ledgerRetentionSeconds=0", "ledgerRetentionSeconds"),
         ("config.exactlyOnce=maybe", "exactlyOnce"),
+        ("config.outputPathTemplate=../{year}", "outputPathTemplate"),
+        ("config.outputPathTemplate=date={date}", "outputPathTemplate"),
+        ("config.outputCompression=lz4", "outputCompression"),
+        ("config.batchMaxBytes=-1", "batchMaxBytes"),
         ("rabbitmq.enabled=false", "externalBroker.existingSecret"),
     ],
 )

@@ -14,9 +14,13 @@ import pytest
 
 from services.common.schema import Entry
 from services.consumer.batch import Batch
+from services.consumer.encoding import SUFFIXES, Compression
+from services.consumer.group import SyncMode
+from services.consumer.ledger import Ledger
 from services.consumer.sink import Abandoned, FileSink, safe_host
 from tests.support.consumer import written_lines
 from tests.support.deliveries import data_path, delivery, entries, message, until
+from tests.support.output import batch_files, file_lines, output_lines
 
 
 @pytest.fixture
@@ -130,3 +134,110 @@ async def test_nothing_is_acked_until_a_directory_sync_succeeds(
         failing[0] = False
         await until(lambda: "ack m" in log, what="ack once the directory syncs")
     assert [e["value"] for e in written_lines(tmp_path)] == ["m0", "m1"]
+
+
+def batch_in(directory: str, n: int, tag: str = "v") -> Batch:
+    b = Batch(1, directory=directory)
+    b.entries = [Entry(timestamp="2019-10-12T07:20:50Z", value=f"{tag}{i}") for i in range(n)]
+    return b
+
+
+def synced_directories(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The directories fsynced from now on, in order (the real fsync is still made)."""
+    seen: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+@pytest.mark.parametrize("sync", ["group", "file"])
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+async def test_a_batch_goes_to_its_directory_compressed_and_named_for_it(
+    tmp_path: Path, executor: ThreadPoolExecutor, compression: Compression, sync: SyncMode
+) -> None:
+    sink = FileSink(tmp_path, "h", executor, compression=compression, sync=sync)
+    sink.prepare()
+    await sink.write(batch_in("date=2019-10-12/hour=07", 3), "1-0")
+    [path] = batch_files(tmp_path)
+    assert path.parent == tmp_path / "date=2019-10-12" / "hour=07"
+    assert path.name.endswith(SUFFIXES[compression])
+    assert [e["value"] for e in file_lines(path)] == ["v0", "v1", "v2"]
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+
+
+@pytest.mark.parametrize("sync", ["group", "file"])
+async def test_new_directories_and_their_parents_are_synced_before_the_write_returns(
+    tmp_path: Path, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch, sync: SyncMode
+) -> None:
+    sink = FileSink(tmp_path, "h", executor, sync=sync)
+    sink.prepare()
+    synced = synced_directories(monkeypatch)
+    await sink.write(batch_in("a/b", 1), "1-0")
+    assert sorted(synced) == sorted([f"{tmp_path}/a/b", f"{tmp_path}/a", str(tmp_path)])
+    synced.clear()
+    await sink.write(batch_in("a/b", 1), "1-0")  # known durable now: only its own
+    assert synced == [f"{tmp_path}/a/b"]
+    synced.clear()
+    # Batches spread over directories: each synced, the new one's parent too.
+    await asyncio.gather(*(sink.write(batch_in(d, 1), "1-0") for d in ["a/b", "a/c", "a/b"]))
+    assert sorted(set(synced)) == sorted([f"{tmp_path}/a/b", f"{tmp_path}/a/c", f"{tmp_path}/a"])
+
+
+async def test_a_directory_removed_under_it_is_made_again(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    sink = FileSink(tmp_path, "h", executor)
+    sink.prepare()
+    await sink.write(batch_in("x/y", 1, "a"), "1-0")
+    for path in (tmp_path / "x" / "y").iterdir():
+        path.unlink()
+    (tmp_path / "x" / "y").rmdir()
+    await sink.write(batch_in("x/y", 1, "b"), "1-0")
+    assert [e["value"] for e in output_lines(tmp_path)] == ["b0"]
+
+
+def test_prepare_removes_this_hosts_temporary_files_in_every_directory(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    deep = tmp_path / "date=2019-10-12" / "hour=07"
+    deep.mkdir(parents=True)
+    (deep / ".h_0-0_x.jsonl.zst.tmp").write_text("partial")
+    (deep / ".other_0-0_x.jsonl.tmp").write_text("another replica, mid-write")
+    (deep / "h_0-0_y.jsonl").write_text("{}\n")
+    (tmp_path / ".rejected").mkdir()
+    (tmp_path / ".rejected" / ".h_rejected_z.json.tmp").write_text("partial")
+    assert FileSink(tmp_path, "h", executor).prepare() == 2
+    assert sorted(p.name for p in deep.iterdir()) == [".other_0-0_x.jsonl.tmp", "h_0-0_y.jsonl"]
+    assert list((tmp_path / ".rejected").iterdir()) == []
+
+
+async def test_the_ledger_names_files_relative_to_the_output_root(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    log: list[str] = []
+    values = entries("m", 2)
+    ledger = Ledger(tmp_path, "h")
+    sink = FileSink(tmp_path, "h", executor, ledger, compression="gzip")
+    sink.prepare()
+    d = delivery(message(log, "m", values, message_id="m"), 2)
+    b = Batch(0, directory="shard=0/hour=07")
+    b.add(d, values)
+    await sink.write(b, "0-0")
+    [path] = batch_files(tmp_path)
+    relative = path.relative_to(tmp_path).as_posix()
+    records = [
+        json.loads(line) for line in (tmp_path / ".ledger" / "h.log").read_text().splitlines()
+    ]
+    assert any(r.get("f") == relative for r in records)
+    assert any(r.get("d") == relative for r in records)
+    # A restarted process finds the file through its relative name: the entries count.
+    again = Ledger(tmp_path, "h")
+    again.open()
+    [part] = d.parts
+    assert again.log.written(part.id or "") == [(0, 2)]
