@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
 
 from services.common.topology import Topology
+from tests.support.seaweed import CREDENTIALS, SeaweedServer
 from tests.support.tcp_proxy import TcpProxy
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -71,3 +72,31 @@ async def proxy(rabbitmq_url: str) -> AsyncIterator[TcpProxy]:
     the_proxy = TcpProxy.to_broker(rabbitmq_url)
     yield the_proxy
     await the_proxy.cut()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """A real SeaweedFS server (S3 API on a free loopback port) for the session; each
+    test makes its own bucket. The AWS_* variables the consumer reads are set for it."""
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(f"SeaweedFS could not start: {exc}", pytrace=False)
+    saved = {name: os.environ.get(name) for name in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    yield server
+    server.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture
+def bucket(seaweed: SeaweedServer) -> str:
+    """A new bucket of its own in the session's SeaweedFS: its name."""
+    name = f"adp-{uuid.uuid4().hex[:12]}"
+    seaweed.create_bucket(name)
+    return name

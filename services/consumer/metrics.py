@@ -41,6 +41,20 @@ class ConsumerMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=registry,
         )
+        self.store_errors = Counter(
+            "adp_consumer_object_store_errors_total",
+            "Failed requests to the object store (OUTPUT_URL), by operation (put, get, head, "
+            "list, delete): unreachable, 5xx, SlowDown, denied. Each failed batch is retried "
+            "with capped backoff, nothing acked meanwhile.",
+            ["operation"],
+            registry=registry,
+        )
+        self.put_seconds = Histogram(
+            "adp_consumer_object_put_seconds",
+            "Seconds per successful PUT to the object store (batch objects, ledger objects).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "adp_consumer_queue_depth",
             "Ready messages in the shard's queue at the last reading.",

@@ -44,6 +44,9 @@ from services.consumer.group import MAX_GROUPS
 from services.consumer.history import WorkerHistory
 from services.consumer.ledger import Ledger
 from services.consumer.metrics import ConsumerMetrics
+from services.consumer.object_ledger import ObjectLedgerLog
+from services.consumer.object_sink import ObjectSink
+from services.consumer.object_store import ObjectLocation, ObjectStore
 from services.consumer.pool import Pool
 from services.consumer.settings import ConsumerSettings
 from services.consumer.sink import FileSink, Sink, safe_host
@@ -111,17 +114,30 @@ class ConsumerService:
             thread_name_prefix="adp-write",
         )
         # The sink owns the ledger; the service keeps it only to settle acked messages.
-        ledger = self._new_ledger(settings) if settings.exactly_once else None
+        store = self._new_store(settings) if settings.output_url else None
+        ledger = self._new_ledger(settings, store) if settings.exactly_once else None
         self.ledger = ledger
-        sink: Sink = FileSink(
-            settings.data_output_dir,
-            settings.host_name,
-            self._executor,
-            ledger,
-            compression=settings.output_compression,
-            sync=settings.sync_mode,
-            on_group=self.metrics.group_batches.observe,
-        )
+        sink: Sink
+        if store is not None:
+            sink = ObjectSink(
+                store,
+                settings.host_name,
+                self._executor,
+                ledger,
+                compression=settings.output_compression,
+                on_group=self.metrics.group_batches.observe,
+            )
+        else:
+            sink = FileSink(
+                settings.data_output_dir,
+                settings.host_name,
+                self._executor,
+                ledger,
+                compression=settings.output_compression,
+                sync=settings.sync_mode,
+                on_group=self.metrics.group_batches.observe,
+            )
+        self.destination = settings.output_url or str(settings.data_output_dir)
         self.sink = wrap_sink(sink) if wrap_sink is not None else sink
         self.acker = Acker(self.metrics, ledger.acked if ledger is not None else _nothing)
         self.pools = [
@@ -167,15 +183,35 @@ class ConsumerService:
             size=line_size if settings.batch_max_bytes else None,
         )
 
-    def _new_ledger(self, settings: ConsumerSettings) -> Ledger:
+    def _new_store(self, settings: ConsumerSettings) -> ObjectStore:
+        errors = self.metrics.store_errors
+        return ObjectStore(
+            ObjectLocation.parse(settings.output_url),
+            endpoint=settings.s3_endpoint_url or None,
+            on_error=lambda operation: errors.labels(operation).inc(),
+            on_put=self.metrics.put_seconds.observe,
+        )
+
+    def _new_ledger(self, settings: ConsumerSettings, store: ObjectStore | None) -> Ledger:
         duplicates = self.metrics.duplicates
+        host = safe_host(settings.host_name)
+        log_in_bucket = None
+        if store is not None:
+            log_in_bucket = ObjectLedgerLog(
+                store,
+                host,
+                retention=settings.ledger_retention_seconds,
+                max_parts=settings.ledger_max_parts,
+                on_forget=self.metrics.ledger_forgotten.inc,
+            )
         ledger = Ledger(
             settings.data_output_dir,
-            safe_host(settings.host_name),
+            host,
             retention=settings.ledger_retention_seconds,
             max_parts=settings.ledger_max_parts,
             on_forget=self.metrics.ledger_forgotten.inc,
             on_skip=lambda shard, count: duplicates.labels(str(shard)).inc(count),
+            log=log_in_bucket,
         )
         self.metrics.ledger_parts.set_function(lambda: ledger.parts)
         return ledger
@@ -204,7 +240,7 @@ class ConsumerService:
         if idle:
             return f"no consumer on shard(s) {idle}"
         if not self._directory_ok or not all(pool.write_ok for pool in self.pools):
-            return f"output directory {self.settings.data_output_dir} not writable"
+            return f"output {self.destination} not writable"
         return None
 
     async def __aenter__(self) -> ConsumerService:
@@ -213,7 +249,7 @@ class ConsumerService:
         except OSError as exc:
             # Not a reason to crash-loop: report not ready, the writes retry.
             self._directory_ok = False
-            log.error("output directory %s unusable: %s", self.settings.data_output_dir, exc)
+            log.error("output %s unusable: %s", self.destination, exc)
         else:
             if cleaned:
                 log.info("removed %d unfinished temporary files of this host", cleaned)
@@ -420,7 +456,7 @@ class ConsumerService:
                 await self.sink.check()
             except OSError as exc:
                 if self._directory_ok:
-                    log.warning("output directory not writable: %s", exc)
+                    log.warning("output %s not writable: %s", self.destination, exc)
                 self._directory_ok = False
             else:
                 self._directory_ok = True
