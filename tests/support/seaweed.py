@@ -67,13 +67,23 @@ class SeaweedServer:
         with (self.directory / "weed.log").open("ab") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
+        status = 0
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed server exited: {self.log()[-2000:]}")
-            if self._bucket_request("PUT", "adp-probe") in (200, 409):
-                return
-            time.sleep(0.3)
-        raise RuntimeError(f"weed server not serving S3 within {START_TIMEOUT}s: {self.log()[-2000:]}")
+            # Ready when a signed PUT of an object succeeds (the first start makes the
+            # probe's bucket; once buckets have owners an unsigned request is refused).
+            status = self._bucket_request("PUT", "adp-probe")
+            try:
+                self.store("s3://adp-probe").put("ready", b"")
+            except OSError:
+                time.sleep(0.3)
+                continue
+            return
+        raise RuntimeError(
+            f"weed server not serving S3 at {self.endpoint} within {START_TIMEOUT}s (last "
+            f"status {status}): {self.log()[-1000:]}"
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Stop it (SIGKILL if it has not stopped within 5 s of `sig`)."""

@@ -72,7 +72,8 @@ async def test_entries_land_in_objects_under_the_prefix_once_with_the_files_layo
     expected = {e["value"]: hive_directory(e, topo.shards_count) for e in sent}
     for key, objs in found.items():
         directory, _, name = key.rpartition("/")
-        assert name.startswith("testhost_") and name.endswith(SUFFIXES["zstd"]), key
+        assert name.startswith("testhost_"), key
+        assert name.endswith(SUFFIXES["zstd"]), key
         assert {expected[e["value"]] for e in objs} == {directory}
         assert len(objs) <= 7
     everything = [key for key, _ in seaweed.store(f"s3://{bucket}").keys("")]
@@ -150,6 +151,6 @@ async def test_a_missing_bucket_is_a_clear_start_up_error(
     config = settings(
         topology(), output_url="s3://adp-no-such-bucket/x", s3_endpoint_url=seaweed.endpoint
     )
-    with pytest.raises(BucketMissing, match="adp-no-such-bucket.*does not exist"):
+    with pytest.raises(BucketMissing, match=r"adp-no-such-bucket.*does not exist"):
         async with run_consumer(config):
             pass
