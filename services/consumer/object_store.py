@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import obstore
-from obstore.exceptions import BaseError
+from obstore.exceptions import BaseError, PermissionDeniedError, UnauthenticatedError
 from obstore.store import S3Store
 
 if TYPE_CHECKING:
@@ -30,6 +30,8 @@ REQUEST_TIMEOUT = "30s"
 CONNECT_TIMEOUT = "5s"
 # What the client raises: its own errors, and OSError kinds (FileNotFoundError for a 404).
 _FAILURES = (BaseError, OSError)
+# What S3 answers to credentials it refuses.
+DENIED = ("403 Forbidden", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId")
 
 
 class StoreError(OSError):
@@ -178,4 +180,12 @@ class ObjectStore:
 
     def _error(self, operation: str, key: str, exc: BaseException) -> StoreError:
         self._on_error(operation)
-        return StoreError(f"object store {operation} {key!r} in {self.location}: {_short(exc)}")
+        hint = ""
+        text = str(exc)
+        if isinstance(exc, PermissionDeniedError | UnauthenticatedError) or any(
+            code in text for code in DENIED
+        ):
+            hint = " (credentials refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+        return StoreError(
+            f"object store {operation} {key!r} in {self.location}{hint}: {_short(exc)}"
+        )

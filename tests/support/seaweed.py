@@ -41,8 +41,10 @@ def weed_binary() -> str:
 
 
 class SeaweedServer:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, options: tuple[str, ...] = ()) -> None:
+        """`options`: more `weed server` flags (e.g. -s3.config=identities.json)."""
         self.directory = directory
+        self.options = options
         names = ("master", "volume", "filer", "s3")
         self.ports = {name: free_port() for name in names}
         self.grpc_ports = {name: free_port() for name in names}
@@ -63,6 +65,7 @@ class SeaweedServer:
             # Its Iceberg and Lance listeners have fixed default ports: off.
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             *(f"-{name}.port.grpc={port}" for name, port in self.grpc_ports.items()),
+            *self.options,
         ]  # fmt: skip
         with (self.directory / "weed.log").open("ab") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
@@ -74,6 +77,8 @@ class SeaweedServer:
             # Ready when a signed PUT of an object succeeds (the first start makes the
             # probe's bucket; once buckets have owners an unsigned request is refused).
             status = self._bucket_request("PUT", "adp-probe")
+            if status == 403 and self.options:  # identities configured: through its shell
+                self._shell("s3.bucket.create -name adp-probe")
             try:
                 self.store("s3://adp-probe").put("ready", b"")
             except OSError:
@@ -101,7 +106,20 @@ class SeaweedServer:
 
     def create_bucket(self, bucket: str) -> None:
         status = self._bucket_request("PUT", bucket)
+        if status == 403:  # identities configured: unsigned requests are refused
+            self._shell(f"s3.bucket.create -name {bucket}")
+            return
         assert status in (200, 409), status
+
+    def _shell(self, command: str) -> None:
+        master = f"127.0.0.1:{self.ports['master']}.{self.grpc_ports['master']}"
+        subprocess.run(
+            [weed_binary(), "shell", f"-master={master}"],
+            input=command.encode() + b"\n",
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
 
     def _bucket_request(self, method: str, bucket: str) -> int:
         request = urllib.request.Request(f"{self.endpoint}/{bucket}", method=method)

@@ -27,7 +27,7 @@ from tests.support.output import HIVE, hive_directory, spread_entries
 from tests.support.polling import eventually
 from tests.support.publish import entries, publish
 from tests.support.queues import queue_counts
-from tests.support.seaweed import SeaweedServer, all_entries, object_entries
+from tests.support.seaweed import CREDENTIALS, SeaweedServer, all_entries, object_entries
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -154,3 +154,53 @@ async def test_a_missing_bucket_is_a_clear_start_up_error(
     with pytest.raises(BucketMissing, match=r"adp-no-such-bucket.*does not exist"):
         async with run_consumer(config):
             pass
+
+
+async def test_wrong_credentials_mean_not_ready_with_a_clear_log_line(
+    settings: Settings,
+    topology: Callable[..., Topology],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A store of its own that checks credentials (an identity in -s3.config): the
+    consumer with a wrong secret starts, is not ready, and says why in one line — without
+    the secret."""
+    identities = tmp_path / "identities.json"
+    identities.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "adp",
+                        "credentials": [
+                            {"accessKey": CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                             "secretKey": CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
+                        ],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )  # fmt: skip
+    store = SeaweedServer(tmp_path / "weed", (f"-s3.config={identities}",))
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    await asyncio.to_thread(store.start)
+    try:
+        store.create_bucket("adp-creds")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "a-wrong-secret")
+        config = settings(topology(), output_url="s3://adp-creds/x", s3_endpoint_url=store.endpoint)
+        async with run_consumer(config) as consumer:
+
+            async def connected_but_not_ready() -> str | None:
+                ready = await consumer.http.get("/readyz")
+                assert ready.status_code == 503, ready.text
+                return ready.text if "s3://adp-creds/x" in ready.text else None
+
+            await eventually(connected_but_not_ready, timeout=15, what="not ready for the output")
+        lines = [r.getMessage() for r in caplog.records if "credentials refused" in r.getMessage()]
+        assert lines, [r.getMessage() for r in caplog.records]
+        assert all("a-wrong-secret" not in r.getMessage() for r in caplog.records)
+    finally:
+        await asyncio.to_thread(store.stop)
