@@ -190,7 +190,12 @@ def _seconds(duration: str) -> float:
 
 def test_compose_file_follows_the_compose_spec_without_version_key() -> None:
     assert "version" not in _compose()
-    assert set(_compose()["services"]) == {"rabbitmq", "api", "consumer", "prometheus", "grafana"}
+    services = _compose()["services"]
+    default = {name for name, service in services.items() if not service.get("profiles")}
+    assert default == {"rabbitmq", "api", "consumer", "prometheus", "grafana"}
+    # The optional object-storage profile: SeaweedFS, its bucket, a consumer writing there.
+    assert set(services) - default == {"seaweedfs", "seaweedfs-bucket", "consumer-s3"}
+    assert all(services[name]["profiles"] == ["s3"] for name in set(services) - default)
 
 
 @pytest.mark.parametrize("image", IMAGES)
