@@ -8,6 +8,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from services.common.metrics import LATENCY_BUCKETS, SIZE_BUCKETS
 
 
+STORE_OPERATIONS = ("put", "get", "head", "list", "delete")
+
+
 class ConsumerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.processed = Counter(
@@ -49,6 +52,8 @@ class ConsumerMetrics:
             ["operation"],
             registry=registry,
         )
+        for operation in STORE_OPERATIONS:  # series from start-up: the first error shows
+            self.store_errors.labels(operation)
         self.put_seconds = Histogram(
             "adp_consumer_object_put_seconds",
             "Seconds per successful PUT to the object store (batch objects, ledger objects).",
