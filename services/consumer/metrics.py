@@ -7,7 +7,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.metrics import LATENCY_BUCKETS, SIZE_BUCKETS
 
-
 STORE_OPERATIONS = ("put", "get", "head", "list", "delete")
 
 
