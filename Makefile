@@ -32,7 +32,7 @@ test: install broker tools lint audit-deps
 
 ## audit-deps: known vulnerabilities of the runtime dependencies, from PyPI (scripts/audit_deps.py)
 audit-deps: install
-	$(BIN)/python scripts/audit_deps.py --extra operator
+	$(BIN)/python scripts/audit_deps.py --extra operator --extra s3
 
 lint: install
 	$(BIN)/ruff check services tests bench scripts

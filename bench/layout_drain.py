@@ -11,7 +11,8 @@ JSON Lines (bytes per entry).
 
 Each case runs `--runs` times, interleaved (case by case within a run), and is reported as
 min/median/max. The entries look like event data (a user, a path, a number, a fraction of a
-second), spread over four UTC hours so the template's cases write several directories.
+second), spread over four UTC hours so the template's cases write several directories; the
+Hive cases run with OUTPUT_PATH_TEMPLATE=date={year}-{month}-{day}/hour={hour}/shard={shard}.
 Queues and files it makes are deleted. Not part of `make test`.
 """
 
@@ -36,6 +37,7 @@ from pathlib import Path
 import aio_pika
 
 from services.common.wire import PARTS_HEADER
+from services.consumer.encoding import COMPRESSIONS, encode
 from tests.support.net import free_port
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -48,10 +50,15 @@ class Case:
     compression: str
     batch_size: int
     template: str = ""
+    interleaved: bool = False  # each message's entries alternate hours (the worst case)
+
+    @property
+    def layout(self) -> str:
+        return ("hive" if self.template else "flat") + (", interleaved" if self.interleaved else "")
 
     @property
     def label(self) -> str:
-        return f"{self.compression:>4} {self.batch_size:>5} {'hive' if self.template else 'flat'}"
+        return f"{self.compression:>4} {self.batch_size:>5} {self.layout}"
 
 
 @dataclass
@@ -63,7 +70,13 @@ class Results:
     files: list[int] = field(default_factory=list)
 
 
-def event_bodies(entries: int, per_message: int, seed: int = 7) -> list[bytes]:
+def event_bodies(
+    entries: int, per_message: int, *, interleaved: bool = False, seed: int = 7
+) -> list[bytes]:
+    """Messages of `per_message` entries over four UTC hours, each message's entries in
+    time order (a client sending its events as they came: a message's entries for one hour
+    are consecutive) or, `interleaved`, alternating hours entry by entry (every entry its
+    own run: a file then holds one ledger range per entry)."""
     rng = random.Random(seed)
     bodies = []
     for start in range(0, entries, per_message):
@@ -79,6 +92,8 @@ def event_bodies(entries: int, per_message: int, seed: int = 7) -> list[bytes]:
                     f"{rng.random() * 250:.3f}ms",
                 }
             )
+        if not interleaved:
+            batch.sort(key=lambda entry: entry["timestamp"])
         bodies.append(json.dumps(batch, separators=(",", ":")).encode())
     return bodies
 
@@ -226,6 +241,22 @@ def run_case(case: Case, bodies: list[bytes], entries: int, results: Results) ->
         shutil.rmtree(out, ignore_errors=True)
 
 
+def encode_rates(bodies: list[bytes], batch_size: int, runs: int) -> dict[str, list[float]]:
+    """Entries/s that `encoding.encode` turns into file bytes, one thread, per compression:
+    the CPU ceiling of the encoding step alone (what a writer thread does before its
+    write)."""
+    entries = [e for body in bodies for e in json.loads(body)]
+    batches = [entries[i : i + batch_size] for i in range(0, len(entries), batch_size)]
+    rates: dict[str, list[float]] = {}
+    for compression in COMPRESSIONS:
+        for _ in range(runs):
+            started = time.perf_counter()
+            for batch in batches:
+                encode(batch, compression)
+            rates.setdefault(compression, []).append(len(entries) / (time.perf_counter() - started))
+    return rates
+
+
 def spread(values: list[float], digits: int = 0) -> str:
     low, mid, high = min(values), statistics.median(values), max(values)
     return f"{low:,.{digits}f} / {mid:,.{digits}f} / {high:,.{digits}f}"
@@ -238,21 +269,44 @@ def main() -> None:
     parser.add_argument("--entries-small", type=int, default=30_000, help="at BATCH_SIZE 5")
     parser.add_argument("--entries-large", type=int, default=300_000, help="at BATCH_SIZE 1000")
     parser.add_argument("--compressions", default="none,gzip,zstd")
+    parser.add_argument(
+        "--encode-only", action="store_true", help="only the encoding step's own rates"
+    )
     args = parser.parse_args()
+    if args.encode_only:
+        print_encode_rates(args.runs, args.per_message, args.entries_large)
+        return
     cases = [Case(c, b) for b in (5, 1000) for c in args.compressions.split(",")]
-    cases += [Case("none", 5, HIVE), Case("zstd", 1000, HIVE)]
+    cases += [Case("none", 5, HIVE), Case("zstd", 1000, HIVE), Case("zstd", 1000, HIVE, True)]
     sizes = {5: args.entries_small, 1000: args.entries_large}
-    bodies = {b: event_bodies(n, args.per_message) for b, n in sizes.items()}
+    bodies = {
+        (b, mixed): event_bodies(n, args.per_message, interleaved=mixed)
+        for b, n in sizes.items()
+        for mixed in (False, True)
+    }
     results = {case: Results() for case in cases}
     for run in range(args.runs):
         for case in cases:
-            run_case(case, bodies[case.batch_size], sizes[case.batch_size], results[case])
+            messages = bodies[case.batch_size, case.interleaved]
+            for attempt in range(3):  # the shared broker may close every connection
+                try:
+                    run_case(case, messages, sizes[case.batch_size], results[case])
+                    break
+                except (
+                    aio_pika.exceptions.AMQPError,
+                    ConnectionError,
+                    subprocess.SubprocessError,
+                    SystemExit,
+                ) as exc:
+                    print(f"run {run + 1} {case.label}: {exc!r}; again", file=sys.stderr)
+                    if attempt == 2:
+                        raise
             print(f"run {run + 1} {case.label}: {results[case].rates[-1]:,.0f} entries/s",
                   file=sys.stderr)  # fmt: skip
-    plain = {b: uncompressed_per_entry(bodies[b]) for b in bodies}
+    plain = uncompressed_per_entry(bodies[5, False])
     print(
         f"{args.per_message} entries per message; min / median / max over {args.runs} runs; "
-        f"uncompressed JSON Lines: {plain[5]:.1f} bytes per entry"
+        f"uncompressed JSON Lines: {plain:.1f} bytes per entry"
     )
     print(
         "| OUTPUT_COMPRESSION | BATCH_SIZE | layout | entries | consumer entries/s | "
@@ -264,11 +318,21 @@ def main() -> None:
         r = results[case]
         share = statistics.median(r.rates) / statistics.median(r.bares)
         print(
-            f"| {case.compression} | {case.batch_size} | {'hive' if case.template else 'flat'} "
+            f"| {case.compression} | {case.batch_size} | {case.layout} "
             f"| {sizes[case.batch_size]:,} | {spread(r.rates)} | {spread(r.bares)} | "
             f"{share:.0%} | {spread(r.size_per_entry, 1)} | {spread(r.disk_per_entry, 1)} | "
             f"{statistics.median(r.files):,.0f} |"
         )
+    print_encode_rates(args.runs, args.per_message, args.entries_large)
+
+
+def print_encode_rates(runs: int, per_message: int, entries: int) -> None:
+    bodies = event_bodies(entries, per_message)
+    print("| encoding alone, one thread | BATCH_SIZE | entries/s (min / median / max) |")
+    print("|---|---|---|")
+    for batch_size in (5, 1000):
+        for compression, rates in encode_rates(bodies, batch_size, runs).items():
+            print(f"| {compression} | {batch_size} | {spread(rates)} |")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ next entry comes), and hands sealed batches to the pool's queue.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +43,22 @@ class Delivery:
     # The channel it came on, taken at arrival: aio-pika's `message.channel` raises once
     # the channel is closed, which is exactly when it matters here.
     channel: RawChannel | None = None
+    # Where each part starts, in order (parts are contiguous): a batch finds the parts its
+    # slice of the delivery overlaps by bisection, not by walking them all (a message the
+    # API grouped can hold thousands of parts, spread over hundreds of batches).
+    starts: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.starts:
+            self.starts = [part.start for part in self.parts]
+
+    def overlapping(self, start: int, end: int) -> Iterator[Part]:
+        """The parts holding entries in [start, end), in order."""
+        i = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        parts = self.parts
+        while i < len(parts) and parts[i].start < end:
+            yield parts[i]
+            i += 1
 
     @classmethod
     def of(cls, message: AbstractIncomingMessage, count: int) -> Delivery:
@@ -168,7 +185,7 @@ class Batch:
         offset = 0
         for delivery, count, start in self.sources:
             end = start + count
-            for part in delivery.parts:
+            for part in delivery.overlapping(start, end):
                 first, last = max(start, part.start), min(end, part.end)
                 if first < last:
                     yield (

@@ -4,21 +4,29 @@ Pure functions of the entries, independent of where the bytes go (a local file t
 object's body for an object-store sink): the uncompressed size that BATCH_MAX_BYTES bounds,
 the body, and the name's suffix.
 
-Each body is one complete stream (a gzip member, a zstd frame with its content size), so a
-file under its final name decompresses whole with the standard tools (`gzip -t`,
-`zstd -t`). Compressing is CPU work: callers run `encode` off the event loop (zlib and
-zstandard release the GIL while they compress).
+Each body is one complete stream (a gzip member, a zstd frame), so a file under its final
+name decompresses whole with the standard tools (`gzip -t`, `zstd -t`). Compressing is CPU
+work: callers run `encode` off the event loop (zlib and libzstd run without the GIL).
+
+zstd comes from `backports.zstd`, the standard library's `compression.zstd` of Python 3.14
+for earlier versions (the same maintainers' binding of libzstd, 1.8 MB installed; the
+`zstandard` package is 24 MB, which the images' 200 MB bound has no room for).
 """
 
 from __future__ import annotations
 
 import gzip
+import sys
 from typing import Literal, get_args
 
-import zstandard
 from pydantic_core import to_json
 
 from services.common.schema import Entry
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
 
 Compression = Literal["none", "gzip", "zstd"]
 COMPRESSIONS: tuple[Compression, ...] = get_args(Compression)
@@ -51,9 +59,7 @@ def compress(data: bytes, compression: Compression) -> bytes:
         # mtime 0: the same entries give the same bytes (no time in the header).
         return gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0)
     if compression == "zstd":
-        # A compressor per call: they are not thread-safe, and creating one is cheap
-        # beside compressing a batch.
-        return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+        return zstd.compress(data, level=ZSTD_LEVEL)  # one frame; safe from any thread
     return data
 
 
@@ -67,7 +73,7 @@ def decompress(data: bytes, compression: Compression) -> bytes:
     if compression == "gzip":
         return gzip.decompress(data)
     if compression == "zstd":
-        return zstandard.ZstdDecompressor().decompress(data)
+        return zstd.decompress(data)
     return data
 
 

@@ -27,11 +27,15 @@ names files by their path relative to the output root.
 
 A group of either kind starts at once while fewer than `max_groups` of that kind are in
 progress, so a lone batch at low load waits for nobody; under load, the batches that came
-meanwhile form the next group. Only after its rename group does a batch's future resolve
-(or fail with OSError / `Abandoned`, for that batch alone), and its deliveries can be
-acked. A kill at any point leaves temporary files (removed at start-up; their deliveries
-were never acked) and records whose files are in place or not: the ledger counts a record
-only if its file is there and the directory was synced since.
+meanwhile form the next group. The groups in progress share their syncs (`SharedSync`): a
+syncfs or directory fsync that starts after a group asked for it serves every group that
+asked meanwhile, so the disk sees about one flush per step however many groups wait.
+
+Only after its rename group does a batch's future resolve (or fail with OSError /
+`Abandoned`, for that batch alone), and its deliveries can be acked. A kill at any point
+leaves temporary files (removed at start-up; their deliveries were never acked) and records
+whose files are in place or not: the ledger counts a record only if its file is there and
+the directory was synced since.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -60,7 +65,7 @@ from services.consumer.ledger_log import LedgerLog
 
 log = logging.getLogger(__name__)
 
-MAX_GROUPS = 2  # groups of each kind in progress at once: one syncing, the next forming
+MAX_GROUPS = 4  # groups of each kind in progress at once (they share their syncs)
 # Directories remembered as durable (their own entry synced); past it the memory starts
 # over, which only costs one more parent fsync per directory.
 MAX_KNOWN_DIRECTORIES = 10_000
@@ -88,6 +93,51 @@ class _Job:
     in_log: bool = False  # its record is in the ledger's log (an abort must say so)
     error: BaseException | None = None
     fd: int | None = None  # SYNC_MODE=group: the temporary file, open until checked
+
+
+class SharedSync:
+    """A sync many threads need, run once for all of them: `sync()` returns after a run of
+    `fn` that started after the call (so it covers everything the caller did before), and
+    raises that run's OSError. Callers that come while a run is in progress share the next
+    one: two groups in progress need about one run between them, not one each."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn = fn
+        self._cond = threading.Condition()
+        self._started = 0  # runs started so far
+        self._finished = 0
+        self._running = False
+        self._errors: dict[int, BaseException] = {}  # run -> its failure, for its waiters
+
+    def sync(self) -> None:
+        with self._cond:
+            wanted = self._started + 1  # the first run starting after now
+            while self._finished < wanted:
+                if not self._running and self._started < wanted:
+                    self._running = True
+                    self._started = run = wanted
+                    break
+                self._cond.wait()
+            else:
+                failed = self._errors.get(wanted)
+                if failed is not None:
+                    raise failed
+                return
+        error: BaseException | None = None
+        try:
+            self._fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter of this run
+            error = exc
+        with self._cond:
+            self._running = False
+            self._finished = run
+            if error is not None:
+                self._errors[run] = error
+            for old in [r for r in self._errors if r < run - 64]:
+                del self._errors[old]
+            self._cond.notify_all()
+        if error is not None:
+            raise error
 
 
 class _Groups:
@@ -166,6 +216,11 @@ class GroupCommit:
             log.warning("SYNC_MODE=group needs Linux 5.8 or later (syncfs); using SYNC_MODE=file")
             sync = "file"
         self.sync = sync
+        # Shared by the groups in progress: one run serves the ones that asked meanwhile.
+        self._flush_all = SharedSync(lambda: sync_filesystem(directory))
+        # One per directory (relative; "" the root), made on first use.
+        self._directory_syncs: dict[str, SharedSync] = {}
+        self._directory_syncs_lock = threading.Lock()
         self._records = _Groups(executor, self._record, self._recorded, max_groups)
         self._renames = _Groups(executor, self._rename, _settle, max_groups, on_group)
 
@@ -235,7 +290,7 @@ class GroupCommit:
                     self._ledger.record([(job.name, job.spans) for job in live], sync=False)
                     for job in live:
                         job.in_log = True
-                sync_filesystem(self.directory)
+                self._flush_all.sync()
         except OSError as exc:
             # Records appended but maybe not durable are aborted below with their files.
             for job in live:
@@ -285,10 +340,23 @@ class GroupCommit:
         failed: dict[str, OSError] = {}
         for directory in sorted(needed, key=lambda d: (-d.count("/"), d)):
             try:
-                fsync_directory(self.directory / directory if directory else self.directory)
+                self._directory_sync(directory).sync()
             except OSError as exc:
                 failed[directory] = exc
         return failed
+
+    def _directory_sync(self, directory: str) -> SharedSync:
+        """The shared fsync of one directory: groups in progress that need the same
+        directory synced share one run."""
+        with self._directory_syncs_lock:
+            shared = self._directory_syncs.get(directory)
+            if shared is None:
+                if len(self._directory_syncs) >= MAX_KNOWN_DIRECTORIES:
+                    self._directory_syncs.clear()  # (a thread still using one keeps it)
+                path = self.directory / directory if directory else self.directory
+                shared = SharedSync(lambda: fsync_directory(path))
+                self._directory_syncs[directory] = shared
+            return shared
 
     def _write_temporary(self, job: _Job) -> None:
         """Writer thread: the job's bytes in its temporary file — synced (SYNC_MODE=file)

@@ -136,9 +136,12 @@ class Ledger:
         """For each channel with acked deliveries: a synchronous round trip on it (the
         broker handles a channel's frames in order, so every ack sent before is applied),
         then their parts are forgotten, here and — through the log — in other readers. A
-        channel that fails the barrier settles nothing: its messages may come back."""
+        channel that fails the barrier settles nothing: its messages may come back. Also
+        keeps this process's log from looking abandoned to other replicas."""
         pending, self._acked = self._acked, {}
         settled: list[str] = []
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._io, self.log.keep_alive)
         for channel, ids in pending.items():
             if channel.is_closed:
                 continue
@@ -149,7 +152,6 @@ class Ledger:
                 continue
             settled.extend(ids)
         if settled:
-            loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._io, self.log.settle, settled)
         return len(settled)
 

@@ -186,6 +186,16 @@ class LedgerLog:
             except OSError as exc:
                 log.warning("ledger: could not note settled parts (%s)", exc)
 
+    def keep_alive(self) -> None:
+        """Touch this process's log if it is getting old: other readers remove a log left
+        untouched for the retention (a gone replica's), and a live one idle that long must
+        not be taken for gone — or a record it appends as they remove it would be lost."""
+        try:
+            if self._path.stat().st_mtime < self._clock() - self._retention / 4:
+                os.utime(self._path)
+        except OSError as exc:
+            log.debug("ledger: could not touch the log (%s)", exc)
+
     def refresh(self) -> None:
         """Read what other processes appended to their logs; confirm records whose file is
         in place."""

@@ -59,6 +59,7 @@ class ObjectLedgerLog(LedgerLog):
         self._own_keys: list[str] = []
         self._pending: list[bytes] = []  # notes waiting for the next PUT
         self._read: set[str] = set()  # other hosts' objects already applied
+        self._last_put = clock()
 
     # --- storage -----------------------------------------------------------------------------
 
@@ -128,9 +129,22 @@ class ObjectLedgerLog(LedgerLog):
         except OSError as exc:  # they are read again harmlessly (set semantics)
             log.warning("ledger: could not delete older log objects (%s)", exc)
 
+    def keep_alive(self) -> None:
+        """As for files: other replicas delete a host's objects once its newest is older
+        than the retention, so an idle live one PUTs its waiting notes (maybe none) when its
+        newest is a quarter of the retention old."""
+        with self._lock:
+            if self._opened and self._clock() - self._last_put > self._retention / 4:
+                try:
+                    self._put(b"".join(self._pending))
+                    self._pending = []
+                except OSError as exc:
+                    log.debug("ledger: could not keep the log alive (%s)", exc)
+
     def _put(self, data: bytes) -> None:
         key = f"{self._own_prefix}{self._generation}-{self._seq:010d}.jsonl"
         self._store.put(key, data)
+        self._last_put = self._clock()
         self._seq += 1
         self._own_keys.append(key)
         self._size += OBJECT_WEIGHT

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 from aio_pika.abc import (
@@ -44,12 +44,12 @@ from services.consumer.group import MAX_GROUPS
 from services.consumer.history import WorkerHistory
 from services.consumer.ledger import Ledger
 from services.consumer.metrics import ConsumerMetrics
-from services.consumer.object_ledger import ObjectLedgerLog
-from services.consumer.object_sink import ObjectSink
-from services.consumer.object_store import ObjectLocation, ObjectStore
 from services.consumer.pool import Pool
 from services.consumer.settings import ConsumerSettings
 from services.consumer.sink import FileSink, Sink, safe_host
+
+if TYPE_CHECKING:
+    from services.consumer.object_store import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ class ConsumerService:
         self.ledger = ledger
         sink: Sink
         if store is not None:
+            from services.consumer.object_sink import ObjectSink  # the s3 extra's obstore
+
             sink = ObjectSink(
                 store,
                 settings.host_name,
@@ -184,6 +186,9 @@ class ConsumerService:
         )
 
     def _new_store(self, settings: ConsumerSettings) -> ObjectStore:
+        # Imported only for OUTPUT_URL: obstore comes with the `s3` extra (the consumer image's).
+        from services.consumer.object_store import ObjectLocation, ObjectStore
+
         errors = self.metrics.store_errors
         return ObjectStore(
             ObjectLocation.parse(settings.output_url),
@@ -197,6 +202,8 @@ class ConsumerService:
         host = safe_host(settings.host_name)
         log_in_bucket = None
         if store is not None:
+            from services.consumer.object_ledger import ObjectLedgerLog
+
             log_in_bucket = ObjectLedgerLog(
                 store,
                 host,
@@ -223,7 +230,6 @@ class ConsumerService:
         for pool, batcher in zip(self.pools, self.batchers, strict=True):
             state = pool.state()
             state["inflight_entries"] += batcher.buffered
-            state["open_batches"] = batcher.open_batches
             states.append(state)
         return states
 

@@ -133,7 +133,7 @@ class ConsumerSettings(BrokerSettings):
         True,
         description="Keep a ledger of the entries already written (in DATA_OUTPUT_DIR/.ledger/"
         "), so a redelivered message or a client's retry with the same Idempotency-Key is "
-        "not written twice. Off: at-least-once, one fsync less per file.",
+        "not written twice. Off: at-least-once, no ledger records or lookups.",
     )
     sync_mode: Literal["group", "file"] = Field(
         "group",

@@ -7,6 +7,7 @@ from typing import Any, cast
 from aio_pika.abc import AbstractIncomingMessage
 
 from services.common.schema import Entry
+from services.common.wire import Part
 from services.consumer.batch import Batch, Batcher, Delivery
 
 
@@ -168,3 +169,17 @@ async def test_the_default_batcher_is_the_flat_shared_batch() -> None:
     batcher.add(delivery(7), items(7))
     assert [(b.directory, len(b)) for b in sealed] == [("", 5)]
     assert batcher.open_batches == 1
+
+
+def test_a_batch_of_a_message_with_many_parts_yields_only_its_own() -> None:
+    """A message the API grouped holds a part per request: each batch of it finds its few
+    parts by bisection, in order, with their ranges in the part's numbering."""
+    parts = tuple(Part(f"m/{i}", 2 * i, 2 * i + 2) for i in range(1000))
+    delivery = Delivery(cast(AbstractIncomingMessage, object()), 2000, parts=parts)
+    batch = Batch(0)
+    batch.add(delivery, [Entry(timestamp="2019-10-12T07:20:50Z")] * 5, 997)
+    assert [(p.id, a, b, offset) for _, p, a, b, offset in batch.ranges()] == [
+        ("m/498", 1, 2, 0),
+        ("m/499", 0, 2, 1),
+        ("m/500", 0, 2, 3),
+    ]

@@ -90,8 +90,8 @@ async def busy_group(
 async def a_third_group(
     group: GroupCommit, executor: SteppedExecutor, batches: dict[str, Batch]
 ) -> dict[str, asyncio.Future[None]]:
-    """Both group slots held by other batches, so these batches' writes finish while they
-    wait, and they form one group together."""
+    """Both group slots (max_groups=2) held by other batches, so these batches' writes
+    finish while they wait, and they form one group together."""
     held = [await busy_group(group, executor, "x"), await busy_group(group, executor, "y")]
     futures = {tag: group.submit(b, f"{tag}.jsonl") for tag, b in batches.items()}
     for _ in range(4):
@@ -110,7 +110,7 @@ async def test_batches_that_come_together_are_made_durable_in_one_group(
     directory, ledger = log_dir
     executor = SteppedExecutor()
     sizes: list[int] = []
-    group = GroupCommit(directory, executor, ledger, sync=sync, on_group=sizes.append)
+    group = GroupCommit(directory, executor, ledger, sync=sync, max_groups=2, on_group=sizes.append)
     futures = await a_third_group(group, executor, {t: batch(t) for t in "abc"})
     await asyncio.gather(*futures.values())
     assert sizes == [1, 1, 3]
@@ -129,7 +129,7 @@ async def test_one_file_failing_fails_only_its_own_batch(
     nothing: no file, no temporary file, no record a reader would trust."""
     directory, ledger = log_dir
     executor = SteppedExecutor()
-    group = GroupCommit(directory, executor, ledger, sync=sync)
+    group = GroupCommit(directory, executor, ledger, sync=sync, max_groups=2)
     held = [await busy_group(group, executor, "x"), await busy_group(group, executor, "y")]
     futures = {t: group.submit(batch(t), f"{t}.jsonl") for t in "ac"}
     futures["b"] = group.submit(batch("b", size=20_000), "b.jsonl")
@@ -160,7 +160,7 @@ async def test_a_batch_timed_out_inside_a_group_leaves_nothing_and_its_retry_wri
     others are made durable, and the slot's fresh generation writes it once."""
     directory, ledger = log_dir
     executor = SteppedExecutor()
-    group = GroupCommit(directory, executor, ledger, sync=sync)
+    group = GroupCommit(directory, executor, ledger, sync=sync, max_groups=2)
     late = batch("t")
     held = [await busy_group(group, executor, "x"), await busy_group(group, executor, "y")]
     futures = {t: group.submit(b, f"{t}.jsonl") for t, b in {"a": batch("a"), "t": late}.items()}

@@ -417,3 +417,16 @@ async def test_a_line_of_another_shape_is_skipped_not_fatal(tmp_path: Path) -> N
     with (tmp_path / ".ledger" / "b.log").open("wb") as log:
         log.write(b'{"f": "x", "t": "soon", "p": 7}\n{"s": 5}\n[1, 2]\n{"d": 1}\n')
     assert opened(tmp_path, "c").log.written("m/0") == [(0, 2)]
+
+
+async def test_a_live_but_idle_replicas_log_is_not_taken_for_a_gone_one(tmp_path: Path) -> None:
+    """A replica idle for longer than the retention still settles every 2 s: that keeps
+    its log fresh, so another replica does not remove it (a record it appended as the
+    other removed it would be lost)."""
+    idle = opened(tmp_path, "idle", retention=3600)
+    await write(idle, batch_of(delivery([Part("k", 0, 1, keyed=True)], check=False), 0, 1), "f")
+    log = tmp_path / ".ledger" / "idle.log"
+    os.utime(log, (time.time() - 7200, time.time() - 7200))
+    assert await idle.settle(FakeChannel().barrier) == 0  # nothing acked: it still touches
+    opened(tmp_path, "other", retention=3600)
+    assert log.exists()

@@ -15,6 +15,7 @@ import pytest
 from services.common.schema import Entry
 from services.consumer.batch import Batch
 from services.consumer.encoding import SUFFIXES, Compression
+from services.consumer.group import SyncMode
 from services.consumer.ledger import Ledger
 from services.consumer.sink import Abandoned, FileSink, safe_host
 from tests.support.consumer import written_lines
@@ -155,11 +156,12 @@ def synced_directories(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
+@pytest.mark.parametrize("sync", ["group", "file"])
 @pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
 async def test_a_batch_goes_to_its_directory_compressed_and_named_for_it(
-    tmp_path: Path, executor: ThreadPoolExecutor, compression: Compression
+    tmp_path: Path, executor: ThreadPoolExecutor, compression: Compression, sync: SyncMode
 ) -> None:
-    sink = FileSink(tmp_path, "h", executor, compression=compression)
+    sink = FileSink(tmp_path, "h", executor, compression=compression, sync=sync)
     sink.prepare()
     await sink.write(batch_in("date=2019-10-12/hour=07", 3), "1-0")
     [path] = batch_files(tmp_path)
@@ -169,10 +171,11 @@ async def test_a_batch_goes_to_its_directory_compressed_and_named_for_it(
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
 
 
+@pytest.mark.parametrize("sync", ["group", "file"])
 async def test_new_directories_and_their_parents_are_synced_before_the_write_returns(
-    tmp_path: Path, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, executor: ThreadPoolExecutor, monkeypatch: pytest.MonkeyPatch, sync: SyncMode
 ) -> None:
-    sink = FileSink(tmp_path, "h", executor)
+    sink = FileSink(tmp_path, "h", executor, sync=sync)
     sink.prepare()
     synced = synced_directories(monkeypatch)
     await sink.write(batch_in("a/b", 1), "1-0")
