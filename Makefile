@@ -59,6 +59,7 @@ bench: install broker
 	$(BIN)/python -m bench.api_load --repeat 3 $(BENCH_ARGS)
 	$(BIN)/python -m bench.consumer_drain
 	$(BIN)/python -m bench.layout_drain
+	$(BIN)/python -m bench.object_drain
 
 ## soak: the fault suite, ADP_FAULT_SCALE (default 10) times longer, then its figures table
 soak: install broker
