@@ -33,7 +33,7 @@ test: install broker tools lint audit-deps
 
 ## audit-deps: known vulnerabilities of the runtime dependencies, from PyPI (scripts/audit_deps.py)
 audit-deps: install
-	$(BIN)/python scripts/audit_deps.py --extra operator
+	$(BIN)/python scripts/audit_deps.py --extra operator --extra s3
 
 lint: install
 	$(BIN)/ruff check services tests bench scripts
@@ -61,6 +61,7 @@ bench: install broker
 	$(BIN)/python -m bench.consumer_drain
 	$(BIN)/python -m bench.freshness
 	$(BIN)/python -m bench.layout_drain
+	$(BIN)/python -m bench.object_drain
 
 ## bench-cluster: quorum queues on the local three-node cluster vs classic on one node, one run
 bench-cluster: install

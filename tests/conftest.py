@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractConnection
 
 from services.common.topology import Topology
 from tests.support.cluster import Cluster, ClusterError, script
+from tests.support.seaweed import CREDENTIALS, SeaweedServer
 from tests.support.tcp_proxy import TcpProxy
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -94,3 +95,31 @@ def rabbitmq_cluster() -> Iterator[Cluster]:
         yield cluster
     finally:
         script("down")
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """A real SeaweedFS server (S3 API on a free loopback port) for the session; each
+    test makes its own bucket. The AWS_* variables the consumer reads are set for it."""
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(f"SeaweedFS could not start: {exc}", pytrace=False)
+    saved = {name: os.environ.get(name) for name in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    yield server
+    server.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture
+def bucket(seaweed: SeaweedServer) -> str:
+    """A new bucket of its own in the session's SeaweedFS: its name."""
+    name = f"adp-{uuid.uuid4().hex[:12]}"
+    seaweed.create_bucket(name)
+    return name

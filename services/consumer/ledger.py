@@ -55,10 +55,13 @@ class Ledger:
         clock: Callable[[], float] = time.time,
         on_forget: Callable[[int], None] = lambda count: None,
         on_skip: Callable[[int, int], None] = lambda shard, count: None,
+        log: LedgerLog | None = None,
     ) -> None:
         """`on_forget(count)`: parts forgotten for room; `on_skip(shard, count)`: entries
-        left out as already written (duplicates avoided)."""
-        self.log = LedgerLog(
+        left out as already written (duplicates avoided). `log`: a log kept elsewhere
+        (`object_ledger.ObjectLedgerLog`, in the bucket); by default the file log in
+        `directory`."""
+        self.log = log or LedgerLog(
             directory, host, retention=retention, max_parts=max_parts, clock=clock,
             on_forget=on_forget,
         )  # fmt: skip

@@ -105,16 +105,12 @@ class LedgerLog:
             for name, spans in files:
                 self._recording[name] = (now, spans)
             try:
-                fd = self._append(lines)
+                finish = self._write_records(lines)
             except BaseException:
                 for name, _ in files:
                     self._recording.pop(name, None)
                 raise
-        try:
-            if sync:
-                os.fdatasync(fd)  # outside the lock: the lookups go on meanwhile
-        finally:
-            os.close(fd)
+        finish(sync)  # outside the lock: the lookups go on meanwhile
 
     def settled(
         self,
@@ -142,7 +138,7 @@ class LedgerLog:
             if not lines:
                 return
             try:
-                os.close(self._append(b"".join(lines)))
+                self._write_notes(b"".join(lines))
                 if self._size > self._compact_at:
                     self._compact()
             except OSError as exc:
@@ -186,7 +182,7 @@ class LedgerLog:
         with self._lock:
             self._forget(ids)
             try:
-                os.close(self._append(to_json({"s": ids}) + b"\n"))
+                self._write_notes(to_json({"s": ids}) + b"\n", now=True)
             except OSError as exc:
                 log.warning("ledger: could not note settled parts (%s)", exc)
 
@@ -337,13 +333,39 @@ class LedgerLog:
         """Records without their confirmation whose file is in place count once its
         directory is synced (the rename may not have been, when their writer died), and
         the directories above it up to the output root (it may have made them)."""
-        present = [name for name in self._unconfirmed if (self.directory / name).exists()]
+        present = self._present(list(self._unconfirmed))
+        for name in present:
+            del self._unconfirmed[name]
+
+    # --- storage (a subclass may keep the log elsewhere: `object_ledger`) ----------------
+
+    def _present(self, names: list[str]) -> list[str]:
+        """Those of the recorded files that are in place, made durable."""
+        present = [name for name in names if (self.directory / name).exists()]
         if present:
             folders = {folder for name in present for folder in _folders(name)}
             for folder in sorted(folders, key=lambda f: (-f.count("/"), f)):
                 fsync_directory(self.directory / folder if folder else self.directory)
-            for name in present:
-                del self._unconfirmed[name]
+        return present
+
+    def _write_records(self, lines: bytes) -> Callable[[bool], None]:
+        """Under the lock: append records; returns what makes them durable (called with
+        `sync`, outside the lock)."""
+        fd = self._append(lines)
+
+        def finish(sync: bool) -> None:
+            try:
+                if sync:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+        return finish
+
+    def _write_notes(self, lines: bytes, *, now: bool = False) -> None:
+        """Under the lock: append lines that need not be durable (confirmations, aborts,
+        settled parts); `now`: not to be held back by a store that batches them."""
+        os.close(self._append(lines))
 
     def _drop(self, name: str) -> None:
         """A record another process wrote, then aborted: its file will not appear."""
@@ -385,7 +407,7 @@ class LedgerLog:
         for name, (born, spans) in list(self._own.items()):
             kept = [s for s in spans if s[0] in self._written]
             unconfirmed = name in self._unconfirmed
-            if not kept or (unconfirmed and not (self.directory / name).exists()):
+            if not kept or (unconfirmed and not self._present_now(name)):
                 del self._own[name]  # forgotten, or its file never appeared
                 continue
             live.append(to_json({"t": born, "f": name, "p": kept}) + b"\n")
@@ -394,15 +416,22 @@ class LedgerLog:
         for name, (born, spans) in self._recording.items():  # being renamed by a writer now
             live.append(to_json({"t": born, "f": name, "p": spans}) + b"\n")
         data = b"".join(live)
+        self._replace(data)
+        self._opened = True
+        self._size = len(data)
+        # Compact again once the log has doubled: never on every write.
+        self._compact_at = max(COMPACT_BYTES, 2 * len(data))
+
+    def _present_now(self, name: str) -> bool:
+        return (self.directory / name).exists()
+
+    def _replace(self, data: bytes) -> None:
+        """This host's log is now `data`, atomically."""
         temporary = self.folder / f".{self._path.name}.tmp"
         temporary.unlink(missing_ok=True)  # left by a compaction that died
         write_durably(temporary, data)
         os.rename(temporary, self._path)
         fsync_directory(self.folder)
-        self._opened = True
-        self._size = len(data)
-        # Compact again once the log has doubled: never on every write.
-        self._compact_at = max(COMPACT_BYTES, 2 * len(data))
 
 
 def _folders(name: str) -> list[str]:

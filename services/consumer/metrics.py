@@ -7,6 +7,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common.metrics import LATENCY_BUCKETS, SIZE_BUCKETS
 
+STORE_OPERATIONS = ("put", "get", "head", "list", "delete")
+
 
 class ConsumerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -39,6 +41,22 @@ class ConsumerMetrics:
             "Batch files made durable together by one group commit (one ledger fdatasync "
             "and one directory fsync for all of them).",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "adp_consumer_object_store_errors_total",
+            "Failed requests to the object store (OUTPUT_URL), by operation (put, get, head, "
+            "list, delete): unreachable, 5xx, SlowDown, denied. Each failed batch is retried "
+            "with capped backoff, nothing acked meanwhile.",
+            ["operation"],
+            registry=registry,
+        )
+        for operation in STORE_OPERATIONS:  # series from start-up: the first error shows
+            self.store_errors.labels(operation)
+        self.put_seconds = Histogram(
+            "adp_consumer_object_put_seconds",
+            "Seconds per successful PUT to the object store (batch objects, ledger objects).",
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.queue_depth = Gauge(

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 from aio_pika.abc import (
@@ -48,6 +48,9 @@ from services.consumer.metrics import ConsumerMetrics
 from services.consumer.pool import Pool
 from services.consumer.settings import ConsumerSettings
 from services.consumer.sink import FileSink, Sink, safe_host
+
+if TYPE_CHECKING:
+    from services.consumer.object_store import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +115,32 @@ class ConsumerService:
             thread_name_prefix="adp-write",
         )
         # The sink owns the ledger; the service keeps it only to settle acked messages.
-        ledger = self._new_ledger(settings) if settings.exactly_once else None
+        store = self._new_store(settings) if settings.output_url else None
+        ledger = self._new_ledger(settings, store) if settings.exactly_once else None
         self.ledger = ledger
-        sink: Sink = FileSink(
-            settings.data_output_dir,
-            settings.host_name,
-            self._executor,
-            ledger,
-            compression=settings.output_compression,
-            sync=settings.sync_mode,
-            on_group=self.metrics.group_batches.observe,
-        )
+        sink: Sink
+        if store is not None:
+            from services.consumer.object_sink import ObjectSink  # the s3 extra's obstore
+
+            sink = ObjectSink(
+                store,
+                settings.host_name,
+                self._executor,
+                ledger,
+                compression=settings.output_compression,
+                on_group=self.metrics.group_batches.observe,
+            )
+        else:
+            sink = FileSink(
+                settings.data_output_dir,
+                settings.host_name,
+                self._executor,
+                ledger,
+                compression=settings.output_compression,
+                sync=settings.sync_mode,
+                on_group=self.metrics.group_batches.observe,
+            )
+        self.destination = settings.output_url or str(settings.data_output_dir)
         self.sink = wrap_sink(sink) if wrap_sink is not None else sink
         self.freshness = Freshness(registry, settings.shards_count)
         self.acker = Acker(
@@ -173,15 +191,40 @@ class ConsumerService:
             size=line_size if settings.batch_max_bytes else None,
         )
 
-    def _new_ledger(self, settings: ConsumerSettings) -> Ledger:
+    def _new_store(self, settings: ConsumerSettings) -> ObjectStore:
+        # Imported only for OUTPUT_URL: obstore comes with the `s3` extra (the consumer image's).
+        from services.consumer.object_store import ObjectLocation, ObjectStore
+
+        errors = self.metrics.store_errors
+        return ObjectStore(
+            ObjectLocation.parse(settings.output_url),
+            endpoint=settings.s3_endpoint_url or None,
+            on_error=lambda operation: errors.labels(operation).inc(),
+            on_put=self.metrics.put_seconds.observe,
+        )
+
+    def _new_ledger(self, settings: ConsumerSettings, store: ObjectStore | None) -> Ledger:
         duplicates = self.metrics.duplicates
+        host = safe_host(settings.host_name)
+        log_in_bucket = None
+        if store is not None:
+            from services.consumer.object_ledger import ObjectLedgerLog
+
+            log_in_bucket = ObjectLedgerLog(
+                store,
+                host,
+                retention=settings.ledger_retention_seconds,
+                max_parts=settings.ledger_max_parts,
+                on_forget=self.metrics.ledger_forgotten.inc,
+            )
         ledger = Ledger(
             settings.data_output_dir,
-            safe_host(settings.host_name),
+            host,
             retention=settings.ledger_retention_seconds,
             max_parts=settings.ledger_max_parts,
             on_forget=self.metrics.ledger_forgotten.inc,
             on_skip=lambda shard, count: duplicates.labels(str(shard)).inc(count),
+            log=log_in_bucket,
         )
         self.metrics.ledger_parts.set_function(lambda: ledger.parts)
         return ledger
@@ -209,7 +252,7 @@ class ConsumerService:
         if idle:
             return f"no consumer on shard(s) {idle}"
         if not self._directory_ok or not all(pool.write_ok for pool in self.pools):
-            return f"output directory {self.settings.data_output_dir} not writable"
+            return f"output {self.destination} not writable"
         return None
 
     async def __aenter__(self) -> ConsumerService:
@@ -218,7 +261,7 @@ class ConsumerService:
         except OSError as exc:
             # Not a reason to crash-loop: report not ready, the writes retry.
             self._directory_ok = False
-            log.error("output directory %s unusable: %s", self.settings.data_output_dir, exc)
+            log.error("output %s unusable: %s", self.destination, exc)
         else:
             if cleaned:
                 log.info("removed %d unfinished temporary files of this host", cleaned)
@@ -426,7 +469,7 @@ class ConsumerService:
                 await self.sink.check()
             except OSError as exc:
                 if self._directory_ok:
-                    log.warning("output directory not writable: %s", exc)
+                    log.warning("output %s not writable: %s", self.destination, exc)
                 self._directory_ok = False
             else:
                 self._directory_ok = True

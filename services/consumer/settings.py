@@ -17,6 +17,22 @@ class ConsumerSettings(ServiceSettings):
     data_output_dir: Path = Field(
         Path("./data_dump"), description="Directory the batch files are written to."
     )
+    output_url: str = Field(
+        "",
+        max_length=1100,
+        pattern=r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?)?$",
+        description="Object storage for the batch files instead of DATA_OUTPUT_DIR: "
+        "s3://bucket/prefix (each batch one object under the prefix, same names, layout and "
+        "compression; the ledger under prefix/.ledger/). Empty = files in DATA_OUTPUT_DIR. "
+        "Credentials and region from the standard AWS_* variables.",
+    )
+    s3_endpoint_url: str = Field(
+        "",
+        max_length=1000,
+        pattern=r"^(https?://.+)?$",
+        description="Endpoint of an S3-compatible store (e.g. http://seaweedfs:8333); empty = "
+        "AWS S3 in AWS_REGION. Only with OUTPUT_URL.",
+    )
     workers_min: int = Field(
         3, ge=1, le=64, description="Workers per shard pool at start and at rest."
     )

@@ -33,7 +33,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "async-data-processor.j
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 CHECK_SCRIPT = ROOT / "scripts" / "check-chart.sh"
 SCENARIOS = ["default", "external-broker", "persistence-off", "three-consumers", "operator"]
-SCENARIOS += ["servicemonitor", "ingress", "api-auth", "rabbitmq-cluster"]
+SCENARIOS += ["servicemonitor", "ingress", "api-auth", "rabbitmq-cluster", "object-storage"]
 APP_UID = 10001
 RABBITMQ_UID = 999
 # The fields a pod of each service reads (the union: both load the one ConfigMap).
@@ -258,7 +258,22 @@ def test_containers_get_settings_and_the_url_from_a_secret(
 ) -> None:
     manifests = _scenario(scenario)
     container = _container(manifests, kind, component)
-    (source,) = container["envFrom"]
+    source, *secrets = container["envFrom"]
+    if scenario == "object-storage" and component == "consumer":
+        # The object store's credentials: a Secret of the user's, loaded whole.
+        assert secrets == [{"secretRef": {"name": "adp-s3-credentials"}}]
+        env_names = {item["name"] for item in container["env"]}
+        assert {"OUTPUT_URL", "S3_ENDPOINT_URL", "AWS_REGION"} <= env_names
+        container = {
+            **container,
+            "env": [
+                item
+                for item in container["env"]
+                if item["name"] not in {"OUTPUT_URL", "S3_ENDPOINT_URL", "AWS_REGION"}
+            ],
+        }
+    else:
+        assert secrets == []
     config_name = next(
         item["metadata"]["name"]
         for item in _objects(manifests, "ConfigMap")
@@ -359,6 +374,24 @@ def test_output_volume_is_mounted_at_data_output_dir(
         assert {key: value for key, value in volumes[name].items() if key != "name"} == volume
     # The group of the volume is the image's user's, so it can write there.
     assert statefulset["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == APP_UID
+
+
+def test_object_storage_has_no_volume_and_names_the_bucket() -> None:
+    """output.type=objectStorage: OUTPUT_URL from bucket and prefix, the endpoint and region
+    as set, no data volume, no claim; the settings accept what the chart renders."""
+    manifests = _scenario("object-storage")
+    statefulset = _one(manifests, "StatefulSet", "consumer")
+    container = _container(manifests, "StatefulSet", "consumer")
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["OUTPUT_URL"] == "s3://adp-output/batches/v1"
+    assert env["S3_ENDPOINT_URL"] == "http://seaweedfs:8333"
+    assert env["AWS_REGION"] == "us-east-1"
+    assert "volumeClaimTemplates" not in statefulset["spec"]
+    volumes = [v["name"] for v in statefulset["spec"]["template"]["spec"]["volumes"]]
+    assert volumes == ["tmp"]
+    assert [m["name"] for m in container["volumeMounts"]] == ["tmp"]
+    config = ConsumerSettings(output_url=env["OUTPUT_URL"], s3_endpoint_url=env["S3_ENDPOINT_URL"])
+    assert config.output_url == "s3://adp-output/batches/v1"
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -552,6 +585,10 @@ def test_helm_test_hook_asks_the_api_healthz() -> None:
         ("config.outputCompression=lz4", "outputCompression"),
         ("config.batchMaxBytes=-1", "batchMaxBytes"),
         ("rabbitmq.enabled=false", "externalBroker.existingSecret"),
+        ("output.type=s3", "/output/type"),
+        ("output.type=objectStorage", "bucket"),  # no bucket
+        ("output.objectStorage.bucket=Not_A_Bucket", "bucket"),
+        ("output.objectStorage.endpoint=seaweedfs:8333", "endpoint"),
     ],
 )
 def test_invalid_values_are_rejected(setting: str, message: str) -> None:

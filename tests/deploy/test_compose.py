@@ -56,6 +56,7 @@ HA_IMAGES = [pytest.param(API_HA, id="api-ha"), pytest.param(CONSUMER_HA, id="co
 NODES = ["rabbitmq-1", "rabbitmq-2", "rabbitmq-3"]
 DEFAULT_STACK = {"rabbitmq", "api", "consumer", "prometheus", "grafana"}
 HA_PROFILE = {*NODES, "api-ha", "consumer-ha"}
+S3_PROFILE = {"seaweedfs", "seaweedfs-bucket", "consumer-s3"}
 HA_CONF = ROOT / "deploy" / "rabbitmq" / "ha.conf"
 
 
@@ -200,7 +201,12 @@ def _seconds(duration: str) -> float:
 
 def test_compose_file_follows_the_compose_spec_without_version_key() -> None:
     assert "version" not in _compose()
-    assert set(_compose()["services"]) == DEFAULT_STACK | HA_PROFILE
+    services = _compose()["services"]
+    default = {name for name, service in services.items() if not service.get("profiles")}
+    assert default == DEFAULT_STACK
+    assert set(services) == DEFAULT_STACK | HA_PROFILE | S3_PROFILE
+    # The optional object-storage profile: SeaweedFS, its bucket, a consumer writing there.
+    assert all(services[name]["profiles"] == ["s3"] for name in S3_PROFILE)
 
 
 @pytest.mark.parametrize("image", IMAGES)

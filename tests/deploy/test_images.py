@@ -5,7 +5,8 @@ image's non-root user, no capabilities), against the real RabbitMQ in a vhost of
 
 It checks /healthz, POST /message -> 201, the consumer's files in a bind-mounted directory
 owned by uid 10001, both /metrics, `podman healthcheck run`, SIGTERM -> exit 0 within 25 s
-with every posted entry written, and each image under 200 MB. A missing tool (debootstrap,
+with every posted entry written, and the API image under 200 MB, the consumer's (with the
+operator and the object-store client) under 235 MB. A missing tool (debootstrap,
 buildah, podman: installed from Debian when absent) or broker is a failure, never a skip.
 """
 
