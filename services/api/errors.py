@@ -29,8 +29,3 @@ class PublishFailed(Exception):
 
 class ClientDisconnected(Exception):
     """The client went away before its body was read; nothing is published."""
-
-
-class BodyTimeout(Exception):
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"the body did not arrive within {seconds:g}s")

@@ -42,7 +42,7 @@ async def test_a_delivery_spanning_batches_completes_only_when_all_are_written()
         [(id(spanning), 3)],
         [(id(spanning), 1)],
     ]
-    done = [d for b in sealed for d, n, _ in b.sources if d.written(n)]
+    done = [d for b in sealed for d, n, _ in b.sources if d.mark_written(n)]
     assert done == [first, spanning]  # each completes once, the spanning one last
 
 
