@@ -77,12 +77,10 @@ def create_app(
             max_message_bytes=settings.publish_max_message_bytes,
         )
         metrics.broker_connected.set_function(lambda: float(own.ready))
-        async with Broker(
-            settings.broker_nodes(),
+        async with Broker.from_settings(
+            settings,
             name="adp-api",
             setup=own.attach,
-            connect_timeout=settings.broker_connect_timeout_seconds,
-            retry_max_seconds=settings.broker_retry_max_seconds,
             metrics=BrokerMetrics(registry, "adp_api"),
         ):
             yield {"publisher": own}

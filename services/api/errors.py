@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
+# Why the broker did not take a request's entries: the 503's `reason`, the metric's label.
+PublishFailure = Literal["nack", "returned", "timeout", "disconnected"]
+
 
 class BodyTooLarge(Exception):
     def __init__(self, limit: int) -> None:
@@ -12,12 +17,11 @@ class BodyTooLarge(Exception):
 
 class PublishFailed(Exception):
     """The broker did not confirm a message: nacked, returned (unroutable), timed out, or no
-    connection. `reason` is one of `REASONS` (a metric label)."""
+    connection."""
 
-    REASONS = ("nack", "returned", "timeout", "disconnected")
+    REASONS: tuple[PublishFailure, ...] = get_args(PublishFailure)
 
-    def __init__(self, reason: str, detail: str) -> None:
-        assert reason in self.REASONS, reason
+    def __init__(self, reason: PublishFailure, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
@@ -25,8 +29,3 @@ class PublishFailed(Exception):
 
 class ClientDisconnected(Exception):
     """The client went away before its body was read; nothing is published."""
-
-
-class BodyTimeout(Exception):
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"the body did not arrive within {seconds:g}s")

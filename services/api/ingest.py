@@ -21,7 +21,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from services.api.auth import TokenCheck
-from services.api.errors import BodyTimeout, BodyTooLarge, ClientDisconnected, PublishFailed
+from services.api.errors import BodyTooLarge, ClientDisconnected, PublishFailed
 from services.api.metrics import ApiMetrics
 from services.api.publisher import Publisher
 from services.common.schema import EntryError, InvalidEntries, dump_entries, parse_entries
@@ -113,7 +113,7 @@ class Ingest:
             await _respond(send, 413, content, [(b"connection", b"close")])
             return 413
         except TimeoutError:  # only the body read is bounded here; publish has its own
-            content = {"error": str(BodyTimeout(self._body_timeout))}
+            content = {"error": f"the body did not arrive within {self._body_timeout:g}s"}
             await _respond(send, 408, content, [(b"connection", b"close")])
             return 408
         except PublishFailed as exc:

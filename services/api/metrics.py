@@ -53,8 +53,8 @@ class ApiMetrics:
         )
         self.publish_failures = Counter(
             "adp_api_publish_failures_total",
-            "Messages the broker did not confirm, by reason "
-            "(nack, returned, timeout, disconnected).",
+            "Requests answered 503 because the broker did not take their entries, one per "
+            "request, by reason (nack, returned, timeout, disconnected).",
             ["reason"],
             registry=registry,
         )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
+from services.api.errors import PublishFailure
 from services.common.schema import entries_json_schema
 from services.common.wire import IDEMPOTENCY_KEY_MAX_LENGTH
 
@@ -29,7 +30,7 @@ _ERROR = {
         "limit_bytes": {"type": "integer", "description": "For 413: MAX_BODY_BYTES."},
         "reason": {
             "type": "string",
-            "enum": ["disconnected", "nack", "returned", "timeout", "overloaded"],
+            "enum": [*sorted(get_args(PublishFailure)), "overloaded"],
             "description": "For 503: why the broker did not take the entries.",
         },
     },

@@ -44,7 +44,14 @@ from services.api.metrics import ApiMetrics
 from services.common.broker import CONNECTIVITY_ERRORS
 from services.common.schema import Entry, dump_entries
 from services.common.topology import Topology
-from services.common.wire import ACCEPTED_HEADER, PARTS_HEADER, accepted_ms, key_id, part_spec
+from services.common.wire import (
+    ACCEPTED_HEADER,
+    ENTRIES_HEADER,
+    PARTS_HEADER,
+    accepted_ms,
+    key_id,
+    part_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +139,15 @@ class GroupCommitPublisher:
         )
 
     async def publish(self, groups: dict[int, list[Entry]], key: bytes | None = None) -> None:
+        try:
+            await self._publish(groups, key)
+        except PublishFailed as exc:
+            # Counted here only: once per request, whatever failed (its messages or its wait).
+            self._metrics.publish_failures.labels(exc.reason).inc()
+            raise
+
+    async def _publish(self, groups: dict[int, list[Entry]], key: bytes | None) -> None:
         if not self.ready:
-            self._metrics.publish_failures.labels("disconnected").inc()
             raise PublishFailed("disconnected", "the broker is not connected")
         joined = []
         for shard, group in groups.items():
@@ -167,10 +181,15 @@ class GroupCommitPublisher:
         message.specs.append(spec)
         message.entries += entries
         message.size += len(part)
-        if not shard.flush_scheduled and shard.inflight < self._max_inflight:
+        if shard.inflight < self._max_inflight:
+            self._schedule_flush(shard)
+        return message
+
+    def _schedule_flush(self, shard: _Shard) -> None:
+        """The shard's waiting messages leave on the next turn of the event loop."""
+        if not shard.flush_scheduled:
             shard.flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush, shard)
-        return message
 
     def _withdraw(self, joined: list[tuple[_Message, bytes, int]]) -> None:
         """A request gave up: take its parts out of messages not yet sent."""
@@ -202,7 +221,6 @@ class GroupCommitPublisher:
         try:
             await self._confirm(shard, message)
         except PublishFailed as exc:
-            self._metrics.publish_failures.labels(exc.reason).inc()
             log.warning("publish to %s failed (%s): %s", shard.queue, exc.reason, exc.detail)
             _fail(message, exc)
             if exc.reason == "nack":
@@ -220,9 +238,8 @@ class GroupCommitPublisher:
             message.done.set_result(None)
         finally:
             shard.inflight -= 1
-            if shard.waiting and not shard.flush_scheduled:
-                shard.flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush, shard)
+            if shard.waiting:
+                self._schedule_flush(shard)
 
     def _renew_channel(self) -> None:
         now = asyncio.get_running_loop().time()
@@ -257,7 +274,7 @@ class GroupCommitPublisher:
             delivery_mode=DeliveryMode.PERSISTENT,
             message_id=uuid.uuid4().hex,
             headers={
-                "x-adp-entries": message.entries,
+                ENTRIES_HEADER: message.entries,
                 PARTS_HEADER: ",".join(message.specs),
                 ACCEPTED_HEADER: message.accepted,
             },

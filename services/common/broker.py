@@ -33,6 +33,7 @@ from pamqp.exceptions import PAMQPException
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.common.nodes import Nodes
+from services.common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,25 @@ class Broker:
         self._moved_at = 0.0
         if metrics is not None:
             metrics.watch(self)
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: ServiceSettings,
+        *,
+        name: str,
+        setup: Setup,
+        metrics: BrokerMetrics | None = None,
+    ) -> Broker:
+        """The broker of RABBITMQ_URL with the settings' connect timeout and backoff cap."""
+        return cls(
+            settings.broker_nodes(),
+            name=name,
+            setup=setup,
+            connect_timeout=settings.broker_connect_timeout_seconds,
+            retry_max_seconds=settings.broker_retry_max_seconds,
+            metrics=metrics,
+        )
 
     @property
     def connected(self) -> bool:

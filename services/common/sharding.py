@@ -27,11 +27,6 @@ def unix_seconds(timestamp: str) -> int:
     return (datetime.fromisoformat(timestamp) - _EPOCH) // _SECOND
 
 
-def shard_of(timestamp: str, shards_count: int) -> int:
-    """The shard of one timestamp."""
-    return unix_seconds(timestamp) % shards_count
-
-
 def group_by_shard(entries: list[Entry], shards_count: int) -> dict[int, list[Entry]]:
     """Entries grouped by shard, each group in request order. Raises `InvalidEntries`
     naming every entry whose timestamp is not a real instant.

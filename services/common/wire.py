@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass
 
 PARTS_HEADER = "x-adp-parts"
+ENTRIES_HEADER = "x-adp-entries"  # entries in the message, for a reader that counts
 ACCEPTED_HEADER = "x-adp-accepted-ms"
 IDEMPOTENCY_KEY_MAX_LENGTH = 255
 

@@ -40,7 +40,7 @@ class Acker:
         if self._freshness is not None:
             self._freshness.durable(batch)
         for source in batch.sources:
-            if source.delivery.written(source.settles):
+            if source.delivery.mark_written(source.settles):
                 await self.ack(source.delivery)
 
     async def ack(self, delivery: Delivery) -> None:

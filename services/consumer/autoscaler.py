@@ -15,9 +15,13 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+
 from services.common.broker import CONNECTIVITY_ERRORS
+from services.common.topology import Topology
 from services.consumer.metrics import ConsumerMetrics
 from services.consumer.pool import Pool
+from services.consumer.settings import ConsumerSettings
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +32,31 @@ class DepthProbe(Protocol):
     """Ready messages in a shard's queue (raises a connectivity error when it cannot tell)."""
 
     async def depth(self, shard: int) -> int: ...
+
+
+class BrokerDepthProbe:
+    """Ready messages per shard queue, by a passive declare on a channel of its own. It
+    also keeps each queue's consumer count from the same answer (readiness uses it)."""
+
+    def __init__(self, topology: Topology) -> None:
+        self._topology = topology
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self.consumers: dict[int, int] = {}
+
+    def attach(self, connection: AbstractRobustConnection) -> None:
+        self._connection = connection
+
+    async def depth(self, shard: int) -> int:
+        if self._connection is None or not self._connection.connected.is_set():
+            raise ConnectionError("broker not connected")
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self._connection.channel()
+        queue = await self._channel.declare_queue(
+            self._topology.queue_name(shard), passive=True, robust=False
+        )
+        self.consumers[shard] = queue.declaration_result.consumer_count or 0
+        return queue.declaration_result.message_count or 0
 
 
 @dataclass(slots=True)
@@ -69,6 +98,24 @@ class Autoscaler:
         self._metrics = metrics
         self._interval = interval
         self._states = [Hysteresis(up, down, cooldown) for _ in pools]
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: ConsumerSettings,
+        pools: list[Pool],
+        probe: DepthProbe,
+        metrics: ConsumerMetrics,
+    ) -> Autoscaler:
+        return cls(
+            pools,
+            probe,
+            metrics,
+            up=settings.scale_up_backlog,
+            down=settings.scale_down_backlog,
+            cooldown=settings.scale_down_cooldown_seconds,
+            interval=settings.scale_interval_seconds,
+        )
 
     async def run(self) -> None:
         while True:

@@ -39,7 +39,7 @@ class Delivery:
     pending: int
     complete: bool = False
     parts: tuple[Part, ...] = ()
-    check: bool = False
+    needs_lookup: bool = False  # redelivered, keyed or retried: ask the ledger first
     # The channel it came on, taken at arrival: aio-pika's `message.channel` raises once
     # the channel is closed, which is exactly when it matters here.
     channel: RawChannel | None = None
@@ -66,8 +66,10 @@ class Delivery:
         `InvalidParts` for a malformed parts header (a poison message)."""
         header = message.headers.get(PARTS_HEADER)
         parts = parse_parts(header, message.message_id, count, message.body)
-        check = bool(message.redelivered) or any(part.keyed for part in parts)
-        return cls(message, count, parts=tuple(parts), check=check, channel=message.channel)
+        needs_lookup = bool(message.redelivered) or any(part.keyed for part in parts)
+        return cls(
+            message, count, parts=tuple(parts), needs_lookup=needs_lookup, channel=message.channel
+        )
 
     @property
     def stale(self) -> bool:
@@ -75,7 +77,7 @@ class Delivery:
         writing its entries now would only write them twice."""
         return self.channel is not None and bool(self.channel.is_closed)
 
-    def written(self, count: int) -> bool:
+    def mark_written(self, count: int) -> bool:
         """`count` more entries are durable; True when this completes the delivery."""
         self.pending -= count
         if self.pending == 0 and not self.complete:
@@ -216,7 +218,7 @@ class Batch:
         "abandoned". An attempt may have put the file in place before it failed (the
         directory sync, say), so its deliveries are looked up in the ledger from now on."""
         for source in self.sources:
-            source.delivery.check = True
+            source.delivery.needs_lookup = True
         return Batch(
             self.shard,
             self.entries,

@@ -87,7 +87,7 @@ class Ledger:
         """The batch to write: without entries already in a file, with the spans the file
         will hold. Its ranges stay claimed until `release` (also if this raises OSError:
         then it releases them itself)."""
-        check = any(source.delivery.check for source in batch.sources)
+        check = any(source.delivery.needs_lookup for source in batch.sources)
         if check:
             waited = False
             while waits := self._overlapping(batch):

@@ -165,7 +165,7 @@ class LedgerLog:
                     continue
                 mine = taken.setdefault(part.id, [])
                 done: list[tuple[int, int]] = list(mine)
-                if delivery.check:
+                if delivery.needs_lookup:
                     done += [
                         (a, b)
                         for a, b, f in self._written.get(part.id, ())

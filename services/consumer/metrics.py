@@ -125,7 +125,8 @@ class ConsumerMetrics:
             "Acks that failed with their channel (the broker redelivers those messages).",
             registry=registry,
         )
-        self.buffered = Gauge(
+        # Its internal name says what it counts; the metric's name is a contract.
+        self.waiting_batches = Gauge(
             "adp_consumer_pending_batches",
             "Sealed batches waiting for a worker, by shard.",
             ["shard"],

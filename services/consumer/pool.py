@@ -131,7 +131,7 @@ class Pool:
         self._label = str(shard)
         metrics.create_shard_series(shard)
         self._live_gauge = metrics.workers.labels(self._label)
-        self._pending_gauge = metrics.buffered.labels(self._label)
+        self._waiting_gauge = metrics.waiting_batches.labels(self._label)
 
     @property
     def live(self) -> int:
@@ -158,7 +158,7 @@ class Pool:
         """A sealed batch from the batcher."""
         self._idle.clear()
         self.queue.put(batch)
-        self._pending_gauge.set(len(self.queue))
+        self._waiting_gauge.set(len(self.queue))
 
     def grow(self) -> bool:
         """Start a worker in a free slot, if the pool is below its maximum."""
@@ -243,7 +243,7 @@ class Pool:
                 batch = await self.queue.get()
             worker.busy = True
             worker.current = batch
-            self._pending_gauge.set(len(self.queue))
+            self._waiting_gauge.set(len(self.queue))
             try:
                 outcome = await self._write(worker, batch)
             except Exception:

@@ -37,7 +37,6 @@ class Pod:
     name: str
     ip: str | None
     ready: bool
-    deleting: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +60,7 @@ class Cluster(Protocol):
         self, namespace: str, name: str, annotations: dict[str, str]
     ) -> None: ...
 
-    async def event(
-        self, namespace: str, about: ObjectRef, reason: str, message: str, warning: bool = False
-    ) -> None: ...
+    async def event(self, namespace: str, about: ObjectRef, reason: str, message: str) -> None: ...
 
 
 class KubernetesCluster:
@@ -120,9 +117,7 @@ class KubernetesCluster:
             {"metadata": {"annotations": annotations}},
         )
 
-    async def event(
-        self, namespace: str, about: ObjectRef, reason: str, message: str, warning: bool = False
-    ) -> None:
+    async def event(self, namespace: str, about: ObjectRef, reason: str, message: str) -> None:
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         await self._call(
             "POST",
@@ -138,7 +133,7 @@ class KubernetesCluster:
                 },
                 "reason": reason,
                 "message": message[:1000],
-                "type": "Warning" if warning else "Normal",
+                "type": "Normal",
                 "firstTimestamp": now,
                 "lastTimestamp": now,
                 "count": 1,
@@ -172,5 +167,4 @@ def _pod(item: dict[str, Any]) -> Pod:
         name=item["metadata"]["name"],
         ip=item.get("status", {}).get("podIP"),
         ready=ready,
-        deleting=bool(item["metadata"].get("deletionTimestamp")),
     )

@@ -33,3 +33,12 @@ async def eventually(
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what} not reached within {timeout}s (last: {last!r})")
         await asyncio.sleep(interval)
+
+
+def holds(condition: Callable[[], T]) -> Callable[[], Awaitable[T]]:
+    """A synchronous condition as a probe for `eventually`."""
+
+    async def probe() -> T:
+        return condition()
+
+    return probe

@@ -10,8 +10,16 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
-from services.common.sharding import shard_of
+from services.common.schema import Entry
+from services.common.sharding import group_by_shard
 from services.common.topology import Topology
+
+
+def shard_of(timestamp: str, shards_count: int) -> int:
+    """The shard of one timestamp, by the API's own path (`group_by_shard`)."""
+    entry: Entry = {"timestamp": timestamp}
+    (shard,) = group_by_shard([entry], shards_count)
+    return shard
 
 
 def entries(n: int, tag: str, start: int = 0) -> list[dict[str, Any]]:

@@ -5,7 +5,8 @@ from datetime import datetime
 import pytest
 
 from services.common.schema import Entry, InvalidEntries
-from services.common.sharding import group_by_shard, shard_of, unix_seconds
+from services.common.sharding import group_by_shard, unix_seconds
+from tests.support.publish import shard_of
 
 
 @pytest.mark.parametrize(

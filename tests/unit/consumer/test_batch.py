@@ -42,7 +42,7 @@ async def test_a_delivery_spanning_batches_completes_only_when_all_are_written()
         [(id(spanning), 3)],
         [(id(spanning), 1)],
     ]
-    done = [d for b in sealed for d, n, _ in b.sources if d.written(n)]
+    done = [d for b in sealed for d, n, _ in b.sources if d.mark_written(n)]
     assert done == [first, spanning]  # each completes once, the spanning one last
 
 
@@ -112,7 +112,7 @@ async def test_one_open_batch_per_directory_each_sealed_when_full() -> None:
     starts = sorted((s.start, s.settles) for b in sealed for s in b.sources)
     assert starts == [(0, 1), (1, 1), (2, 2), (4, 1), (5, 1), (6, 1)]
     assert sum(s.settles for b in sealed for s in b.sources) == len(hours)
-    done = [s.delivery for b in sealed for s in b.sources if s.delivery.written(s.settles)]
+    done = [s.delivery for b in sealed for s in b.sources if s.delivery.mark_written(s.settles)]
     assert done == [first]
 
 

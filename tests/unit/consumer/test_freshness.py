@@ -56,7 +56,7 @@ def written(freshness: Freshness, batch: Batch) -> None:
     """What the acker does with a written batch: observe, then settle."""
     freshness.durable(batch)
     for source, count, _ in batch.sources:
-        source.written(count)
+        source.mark_written(count)
 
 
 def test_every_shard_exports_both_series_from_the_start() -> None:

@@ -35,7 +35,7 @@ class FakeChannel:
 def delivery(parts: list[Part], *, check: bool, channel: Any = None) -> Delivery:
     total = max(p.end for p in parts)
     message = cast(AbstractIncomingMessage, object())
-    return Delivery(message, total, parts=tuple(parts), check=check, channel=channel)
+    return Delivery(message, total, parts=tuple(parts), needs_lookup=check, channel=channel)
 
 
 def batch_of(d: Delivery, start: int, count: int, tag: str = "v") -> Batch:
@@ -124,7 +124,7 @@ async def test_only_deliveries_that_may_be_written_are_looked_up(tmp_path: Path)
 async def test_a_retried_batch_is_looked_up() -> None:
     """An attempt may have put the file in place before failing (its directory sync)."""
     d = delivery([Part("m/0", 0, 1)], check=False)
-    assert batch_of(d, 0, 1).retry().sources[0][0].check
+    assert batch_of(d, 0, 1).retry().sources[0][0].needs_lookup
 
 
 async def test_the_event_loop_does_not_wait_for_the_writers_lock(tmp_path: Path) -> None:

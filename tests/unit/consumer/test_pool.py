@@ -16,6 +16,7 @@ from services.consumer.history import WorkerHistory
 from services.consumer.metrics import ConsumerMetrics
 from services.consumer.pool import Pool
 from services.consumer.sink import Abandoned
+from tests.support.polling import eventually, holds
 
 
 class FakeChannel:
@@ -92,14 +93,6 @@ def batch_of(log: list[str], name: str, n: int = 2, channel: FakeChannel | None 
     return batch
 
 
-async def wait_for(condition: Any, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
-
-
 async def test_no_ack_before_a_committed_write_has_finished() -> None:
     """The timeout fires while the file is being renamed and synced: the worker waits for
     the write instead of acking early or handing the batch to another worker."""
@@ -107,7 +100,7 @@ async def test_no_ack_before_a_committed_write_has_finished() -> None:
     pool, history = make_pool(ScriptedSink(log, [0.0], after=0.5), timeout=0.2)
     pool.start()
     pool.submit(batch_of(log, "m"))
-    await wait_for(lambda: "ack m" in log)
+    await eventually(holds(lambda: "ack m" in log), timeout=5.0, interval=0.01)
     await pool.stop()
     assert log == ["write start 0-0", "commit 0-0", "write done 0-0", "ack m"]
     assert [r.stop_reason for r in history.records()] == ["shutdown"]
@@ -118,7 +111,7 @@ async def test_a_timed_out_batch_is_written_once_by_the_slots_fresh_generation()
     pool, history = make_pool(ScriptedSink(log, [0.6, 0.0]), timeout=0.2)
     pool.start()
     pool.submit(batch_of(log, "m"))
-    await wait_for(lambda: "ack m" in log)
+    await eventually(holds(lambda: "ack m" in log), timeout=5.0, interval=0.01)
     await asyncio.sleep(0.6)  # the abandoned write finishes meanwhile, and must not commit
     await pool.stop()
     assert log.count("commit 0-0") == 1
@@ -134,11 +127,15 @@ async def test_shrinking_retires_an_idle_worker_first() -> None:
     pool.start()
     assert pool.grow()
     pool.submit(batch_of(log, "m"))
-    await wait_for(lambda: "write start 0-0" in log or "write start 0-1" in log)
+    await eventually(
+        holds(lambda: "write start 0-0" in log or "write start 0-1" in log),
+        timeout=5.0,
+        interval=0.01,
+    )
     busy = "0-0" if "write start 0-0" in log else "0-1"
     assert pool.shrink()  # two live, one busy: the idle one goes, at once
-    await wait_for(lambda: pool.live == 1)
-    await wait_for(lambda: "ack m" in log)
+    await eventually(holds(lambda: pool.live == 1), timeout=5.0, interval=0.01)
+    await eventually(holds(lambda: "ack m" in log), timeout=5.0, interval=0.01)
     await pool.stop()
     by_id = {(r.id, r.generation): r for r in history.records()}
     assert by_id[(busy, 1)].entries == 2
@@ -151,9 +148,9 @@ async def test_retiring_the_busy_worker_lets_it_finish_first() -> None:
     pool.start()
     pool.workers_min = 0  # so the only, busy, worker may retire
     pool.submit(batch_of(log, "m"))
-    await wait_for(lambda: "write start 0-0" in log)
+    await eventually(holds(lambda: "write start 0-0" in log), timeout=5.0, interval=0.01)
     assert pool.shrink()
-    await wait_for(lambda: pool.live == 0)
+    await eventually(holds(lambda: pool.live == 0), timeout=5.0, interval=0.01)
     assert log[-1] == "ack m"  # it finished the batch before it stopped
     [record] = history.records()
     assert (record.stop_reason, record.entries) == ("scale-down", 2)
@@ -167,7 +164,7 @@ async def test_entries_of_a_dead_channel_are_not_written() -> None:
     pool.start()
     pool.submit(batch_of(log, "gone", channel=dead))
     pool.submit(batch_of(log, "kept"))
-    await wait_for(lambda: "ack kept" in log)
+    await eventually(holds(lambda: "ack kept" in log), timeout=5.0, interval=0.01)
     await pool.stop()
     assert "ack gone" not in log
     assert log.count("commit 0-0") == 1
@@ -195,10 +192,14 @@ async def test_a_restarted_workers_first_batch_is_written_even_if_it_retires() -
     pool.start()
     pool.workers_min = 0  # so the only, restarting, worker may retire
     pool.submit(batch_of(log, "m"))
-    await wait_for(lambda: [r.stop_reason for r in history.records()][:1] == ["error"])
+    await eventually(
+        holds(lambda: [r.stop_reason for r in history.records()][:1] == ["error"]),
+        timeout=5.0,
+        interval=0.01,
+    )
     assert pool.shrink()
-    await wait_for(lambda: "ack m" in log)
-    await wait_for(lambda: pool.live == 0)
+    await eventually(holds(lambda: "ack m" in log), timeout=5.0, interval=0.01)
+    await eventually(holds(lambda: pool.live == 0), timeout=5.0, interval=0.01)
     assert [r.stop_reason for r in history.records()] == ["error", "scale-down"]
 
 

@@ -58,9 +58,7 @@ class Recorder:
     async def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
         self.calls.append(("annotate", name, annotations))
 
-    async def event(
-        self, namespace: str, about: ObjectRef, reason: str, message: str, warning: bool = False
-    ) -> None:
+    async def event(self, namespace: str, about: ObjectRef, reason: str, message: str) -> None:
         self.calls.append(("event", about.kind, about.name, reason))
 
 
