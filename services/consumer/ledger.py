@@ -118,6 +118,32 @@ class Ledger:
         self._claims[admitted] = (future, claimed)
         return admitted
 
+    async def write_once(
+        self, batch: Batch, submit: Callable[[Batch], asyncio.Future[None]]
+    ) -> Batch:
+        """Write `batch` through a sink's `submit` (a future done when the batch is durable)
+        without what is already written, and return what to settle. Its claims are held for
+        the write's whole life: if the worker stops waiting and the batch could not be
+        abandoned (the write is committing), they stay until the write is over, so no copy
+        is admitted before its record is known."""
+        admitted = await self.admit(batch)
+        if not admitted.entries:  # all already written: settle, write nothing
+            self.release(admitted)
+            return admitted
+        done = submit(admitted)
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            if admitted.abandon():
+                self.release(admitted)
+            else:
+                done.add_done_callback(lambda _: self.release(admitted))
+            raise
+        finally:
+            if done.done():
+                self.release(admitted)
+        return admitted
+
     def release(self, batch: Batch) -> None:
         """The write of an admitted batch ended (written or not)."""
         claim = self._claims.pop(batch, None)

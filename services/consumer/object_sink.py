@@ -86,25 +86,7 @@ class ObjectSink:
         if ledger is None:
             await asyncio.shield(self._submit(batch, worker))
             return batch
-        admitted = await ledger.admit(batch)
-        if not admitted.entries:  # all already in objects: settle, write nothing
-            ledger.release(admitted)
-            return admitted
-        done = self._submit(admitted, worker)
-        try:
-            await asyncio.shield(done)
-        except asyncio.CancelledError:
-            # As for files: unless the batch could be abandoned, its PUT is under way and
-            # its claims stay until it is over.
-            if admitted.abandon():
-                ledger.release(admitted)
-            else:
-                done.add_done_callback(lambda _: ledger.release(admitted))
-            raise
-        finally:
-            if done.done():
-                ledger.release(admitted)
-        return admitted
+        return await ledger.write_once(batch, lambda b: self._submit(b, worker))
 
     async def reject(self, body: bytes, reason: str, message_id: str | None) -> str:
         name = f"{self._names.stem('rejected')}.json"

@@ -108,26 +108,7 @@ class FileSink:
         if ledger is None:
             await asyncio.shield(self._group.submit(batch, self._name(worker)))
             return batch
-        admitted = await ledger.admit(batch)
-        if not admitted.entries:  # all already in files: settle, write nothing
-            ledger.release(admitted)
-            return admitted
-        done = self._group.submit(admitted, self._name(worker))
-        try:
-            await asyncio.shield(done)
-        except asyncio.CancelledError:
-            # The worker stopped waiting. Unless it could abandon the batch, the file is
-            # being renamed now: its claims stay until that is over, so no copy is admitted
-            # before its record is known.
-            if admitted.abandon():
-                ledger.release(admitted)
-            else:
-                done.add_done_callback(lambda _: ledger.release(admitted))
-            raise
-        finally:
-            if done.done():
-                ledger.release(admitted)
-        return admitted
+        return await ledger.write_once(batch, lambda b: self._group.submit(b, self._name(worker)))
 
     async def reject(self, body: bytes, reason: str, message_id: str | None) -> str:
         loop = asyncio.get_running_loop()
