@@ -4,13 +4,16 @@ fdatasync, the directory's fsync) are paid once per group.
 
 How the files' data is made durable (SYNC_MODE):
 
-- `group` (the default, Linux 5.8+): each temporary file is encoded (JSON Lines,
-  compressed: `encoding`) and written (not synced) on a writer thread as soon as it comes,
-  in its batch's directory under the output root, made if missing; the group appends the
-  records of all its files to the ledger and syncs the file system once (`syncfs`): every
-  file's data and the records are durable together, one write-back and one disk flush
-  however many files the group holds; then each file's own write-back errors are checked
-  on its descriptor;
+- `group` (the default, Linux 5.8+): the whole group is one step on one writer thread.
+  Each temporary file is encoded (JSON Lines, compressed: `encoding`) and written (not
+  synced), one after the other, in its batch's directory under the output root, made if
+  missing; the records of all its files are appended to the ledger and the file system is
+  synced once (`syncfs`): every file's data and the records are durable together, one
+  write-back and one disk flush however many files the group holds; then each file's own
+  write-back errors are checked on its descriptor, and the renames follow (below). One
+  thread hand-off per group, not per file; and files created one after the other do not
+  contend for their directory's lock (threads creating files in one directory at once
+  spin on it: measured, `bench.consumer_drain`);
 - `file`: each temporary file is fsynced on its own writer thread, and meanwhile its
   record joins the next *record group* (the records of every batch that came while the
   previous one was being synced: one append, one fdatasync). A flush per file: for file
@@ -25,13 +28,13 @@ confirmations (of the files whose directories all synced; the others stay unconf
 a later sync succeeds) and abort lines for the dropped ones, in one append. The ledger
 names files by their path relative to the output root.
 
-A group of either kind starts at once while fewer than `max_groups` of that kind are in
-progress, so a lone batch at low load waits for nobody; under load, the batches that came
-meanwhile form the next group. The groups in progress share their syncs (`SharedSync`): a
+A group starts at once while fewer than `max_groups` groups of its kind are in progress,
+so a lone batch at low load waits for nobody; under load, the batches that came meanwhile
+form the next group. The groups in progress share their syncs (`SharedSync`): a
 syncfs or directory fsync that starts after a group asked for it serves every group that
 asked meanwhile, so the disk sees about one flush per step however many groups wait.
 
-Only after its rename group does a batch's future resolve (or fail with OSError /
+Only after its renames does a batch's future resolve (or fail with OSError /
 `Abandoned`, for that batch alone), and its deliveries can be acked. A kill at any point
 leaves temporary files (removed at start-up; their deliveries were never acked) and records
 whose files are in place or not: the ledger counts a record only if its file is there and
@@ -44,11 +47,11 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Generic, Literal, Protocol, TypeVar
 
 from services.common.schema import Entry
 from services.consumer.batch import Batch, Span
@@ -65,7 +68,13 @@ from services.consumer.ledger_log import LedgerLog
 
 log = logging.getLogger(__name__)
 
-MAX_GROUPS = 4  # groups of each kind in progress at once (they share their syncs)
+MAX_GROUPS = 4  # SYNC_MODE=file: groups of each kind in progress at once (sharing syncs)
+# SYNC_MODE=group: groups in progress at once. One, measured on 2 cores (bench/
+# consumer_drain.py, defaults, same run): 11,850 entries/s with one, 9,900 with two, 8,200
+# with four — each more halves the groups, multiplies the syncfs calls and has threads
+# contend for the GIL and their directory's lock. A lone batch waits at most for the group
+# in progress (a few ms).
+GROUP_COMMITS = 1
 # Directories remembered as durable (their own entry synced); past it the memory starts
 # over, which only costs one more parent fsync per directory.
 MAX_KNOWN_DIRECTORIES = 10_000
@@ -140,28 +149,36 @@ class SharedSync:
             raise error
 
 
-class _Groups:
-    """Runs `step` on groups of jobs on the executor, at most `limit` groups at once; each
-    group is every job that came while the earlier ones ran."""
+class HasDone(Protocol):
+    @property
+    def done(self) -> asyncio.Future[None]: ...
+
+
+J = TypeVar("J", bound=HasDone)
+
+
+class Groups(Generic[J]):
+    """Runs `step` on groups of jobs, at most `limit` groups at once; each group is every
+    job that came while the earlier ones ran. `step` returns each job's outcome; then
+    `after(job, outcome)` (by default: the job's `done` future gets it)."""
 
     def __init__(
         self,
-        executor: Executor,
-        step: Callable[[list[_Job]], list[Outcome]],
-        after: Callable[[_Job, Outcome], None],
+        step: Callable[[list[J]], Awaitable[list[Outcome]]],
         limit: int,
+        *,
+        after: Callable[[J, Outcome], None] | None = None,
         on_group: Callable[[int], None] = lambda size: None,
     ) -> None:
-        self._executor = executor
         self._step = step
-        self._after = after
+        self._after = after or settle
         self._limit = limit
         self._on_group = on_group
-        self._waiting: list[_Job] = []
+        self._waiting: list[J] = []
         self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def add(self, job: _Job) -> None:
+    def add(self, job: J) -> None:
         self._waiting.append(job)
         self._start()
 
@@ -173,13 +190,12 @@ class _Groups:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, jobs: list[_Job]) -> None:
+    async def _run(self, jobs: list[J]) -> None:
         self._on_group(len(jobs))
-        loop = asyncio.get_running_loop()
         try:
-            outcomes = await loop.run_in_executor(self._executor, self._step, jobs)
+            outcomes = await self._step(jobs)
         except Exception as exc:
-            log.exception("group commit step failed")
+            log.exception("group commit failed")
             outcomes = [exc] * len(jobs)
         finally:
             self._running -= 1
@@ -196,15 +212,16 @@ class GroupCommit:
         ledger: LedgerLog | None = None,
         *,
         sync: SyncMode = "group",
-        max_groups: int = MAX_GROUPS,
+        max_groups: int | None = None,
         encode: Callable[[list[Entry]], bytes] = json_lines,
         on_group: Callable[[int], None] = lambda batches: None,
     ) -> None:
         """`directory` is the output root (each batch's own directory is under it);
-        `executor` runs the writes and the groups (it needs a thread per batch being
-        written at once, plus twice `max_groups`); `encode` makes a file's bytes of its
-        entries (on the writer thread); `on_group(batches)` is told each rename group's
-        size."""
+        `executor` runs the writes and the groups (SYNC_MODE=file: a thread per batch
+        being written at once, plus twice `max_groups`); `max_groups`: groups of a kind in
+        progress at once (by default GROUP_COMMITS, or MAX_GROUPS with SYNC_MODE=file);
+        `encode` makes a file's bytes of its entries (on the writer thread);
+        `on_group(batches)` is told each rename group's size."""
         self.directory = directory
         self._executor = executor
         self._ledger = ledger
@@ -221,8 +238,21 @@ class GroupCommit:
         # One per directory (relative; "" the root), made on first use.
         self._directory_syncs: dict[str, SharedSync] = {}
         self._directory_syncs_lock = threading.Lock()
-        self._records = _Groups(executor, self._record, self._recorded, max_groups)
-        self._renames = _Groups(executor, self._rename, _settle, max_groups, on_group)
+        # SYNC_MODE=group: one step per group (write, record, syncfs, rename). file: the
+        # files are written and fsynced each on a thread, then record and rename groups.
+        commits = max_groups or GROUP_COMMITS
+        limit = max_groups or MAX_GROUPS
+        self._commits = Groups(self._in_thread(self._commit), commits, on_group=on_group)
+        self._records = Groups(self._in_thread(self._record), limit, after=self._recorded)
+        self._renames = Groups(self._in_thread(self._rename), limit, on_group=on_group)
+
+    def _in_thread(
+        self, step: Callable[[list[_Job]], list[Outcome]]
+    ) -> Callable[[list[_Job]], Awaitable[list[Outcome]]]:
+        def run(jobs: list[_Job]) -> Awaitable[list[Outcome]]:
+            return asyncio.get_running_loop().run_in_executor(self._executor, step, jobs)
+
+        return run
 
     def submit(self, batch: Batch, name: str) -> asyncio.Future[None]:
         """Write `batch` to the file `name`, durably, as part of a group. The future is
@@ -238,9 +268,11 @@ class GroupCommit:
             folder / name,
             loop.create_future(),
             batch.spans,
-            # Recorded in the rename group itself when one syncfs covers the records too.
-            recorded=self._ledger is None or self.sync == "group",
+            recorded=self._ledger is None,
         )
+        if self.sync == "group":
+            self._commits.add(job)
+            return job.done
         written = loop.run_in_executor(self._executor, self._write_temporary, job)
         written.add_done_callback(lambda future: self._written(job, future))
         if not job.recorded:
@@ -279,6 +311,19 @@ class GroupCommit:
         for job in live:
             job.in_log = True
         return [None] * len(jobs)
+
+    def _commit(self, jobs: list[_Job]) -> list[Outcome]:
+        """Writer thread, SYNC_MODE=group: the group's whole commit — its temporary files,
+        one after the other, then the records, the syncfs and the renames (`_rename`)."""
+        for job in jobs:
+            if job.batch.abandoned:
+                job.error = Abandoned(job.name)
+                continue
+            try:
+                self._write_temporary(job)
+            except Exception as exc:  # noqa: BLE001 - that batch's own failure
+                job.error = exc
+        return self._rename(jobs)
 
     def _flush(self, jobs: list[_Job]) -> None:
         """SYNC_MODE=group: append the records of the group's live files, then one syncfs
@@ -424,7 +469,8 @@ def _needs(job: _Job) -> list[str]:
     return [job.batch.directory, *parents]
 
 
-def _settle(job: _Job, outcome: Outcome) -> None:
+def settle(job: HasDone, outcome: Outcome) -> None:
+    """Hand a job's outcome to its `done` future (unless someone already did)."""
     if job.done.done():
         return
     if outcome is None:

@@ -28,7 +28,7 @@ from pydantic_core import to_json
 from services.common.schema import Entry
 from services.consumer.batch import Batch, Span
 from services.consumer.encoding import SUFFIXES, Compression, encode
-from services.consumer.group import MAX_GROUPS, Abandoned
+from services.consumer.group import MAX_GROUPS, Abandoned, Groups, Outcome
 from services.consumer.layout import FileNames
 from services.consumer.ledger import Ledger
 from services.consumer.object_store import ObjectStore
@@ -66,11 +66,7 @@ class ObjectSink:
         self._encode: Callable[[list[Entry]], bytes] = functools.partial(
             encode, compression=compression
         )
-        self._max_groups = max_groups
-        self._on_group = on_group
-        self._waiting: list[_Job] = []
-        self._running = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._groups: Groups[_Job] = Groups(self._commit, max_groups, on_group=on_group)
 
     def prepare(self) -> int:
         """Check the bucket (`BucketMissing` if it is not there; StoreError if the store
@@ -106,32 +102,10 @@ class ObjectSink:
         name = self._names.name(worker)
         key = f"{batch.directory}/{name}" if batch.directory else name
         job = _Job(batch, key, batch.spans, asyncio.get_running_loop().create_future())
-        self._waiting.append(job)
-        self._start()
+        self._groups.add(job)
         return job.done
 
-    def _start(self) -> None:
-        while self._waiting and self._running < self._max_groups:
-            jobs, self._waiting = self._waiting, []
-            self._running += 1
-            task = asyncio.get_running_loop().create_task(self._run(jobs), name="object-group")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _run(self, jobs: list[_Job]) -> None:
-        self._on_group(len(jobs))
-        try:
-            outcomes = await self._commit(jobs)
-        except Exception as exc:
-            log.exception("object group commit failed")
-            outcomes = [exc] * len(jobs)
-        finally:
-            self._running -= 1
-            self._start()
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            _settle(job, outcome)
-
-    async def _commit(self, jobs: list[_Job]) -> list[BaseException | None]:
+    async def _commit(self, jobs: list[_Job]) -> list[Outcome]:
         loop = asyncio.get_running_loop()
         bodies = await asyncio.gather(
             *(loop.run_in_executor(self._executor, self._encode, job.batch.entries) for job in jobs)
@@ -146,7 +120,7 @@ class ObjectSink:
                 return [exc] * len(jobs)
         recorded = set(live) if ledger is not None else set(jobs)
 
-        async def put(job: _Job, body: bytes) -> BaseException | None:
+        async def put(job: _Job, body: bytes) -> Outcome:
             if job not in recorded or not job.batch.commit():
                 return Abandoned(job.key)
             try:
@@ -172,13 +146,3 @@ class ObjectSink:
             ]  # fmt: skip
             await loop.run_in_executor(self._executor, ledger.settled, confirmed, unsure, aborted)
         return outcomes
-
-
-def _settle(job: _Job, outcome: BaseException | None) -> None:
-    if job.done.done():
-        return
-    if outcome is None:
-        job.done.set_result(None)
-    else:
-        job.done.set_exception(outcome)
-    job.done.add_done_callback(lambda f: f.exception())

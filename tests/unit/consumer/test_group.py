@@ -133,11 +133,11 @@ async def test_one_file_failing_fails_only_its_own_batch(
     held = [await busy_group(group, executor, "x"), await busy_group(group, executor, "y")]
     futures = {t: group.submit(batch(t), f"{t}.jsonl") for t in "ac"}
     futures["b"] = group.submit(batch("b", size=20_000), "b.jsonl")
-    with files_limited_to(10_000):  # only the big file crosses it
-        for _ in range(4):
+    with files_limited_to(10_000):  # only the big file crosses it (written in its group's
+        for _ in range(4):  # step with SYNC_MODE=group, on its own thread with file)
             await turn()
             executor.run(lambda args: not (args and isinstance(args[0], list)))
-    await run_all(executor)
+        await run_all(executor)
     await asyncio.gather(*held)
     await asyncio.gather(futures["a"], futures["c"])
     with pytest.raises(OSError, match="too large"):
