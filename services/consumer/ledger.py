@@ -28,6 +28,7 @@ forgets acks it had applied (a crash, a quorum leader change) redelivers settled
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -36,12 +37,15 @@ from pathlib import Path
 
 from aiormq.abc import AbstractChannel as RawChannel
 
+from services.common.broker import CONNECTIVITY_ERRORS
 from services.consumer.batch import Batch, Delivery, Span
 from services.consumer.ledger_log import LedgerLog
 
 log = logging.getLogger(__name__)
 
 LOOKUP_THREADS = 4
+# How often acked deliveries are confirmed applied (a barrier) and forgotten.
+SETTLE_SECONDS = 2.0
 
 
 class Ledger:
@@ -180,6 +184,22 @@ class Ledger:
         if settled:
             await loop.run_in_executor(self._io, self.log.settle, settled)
         return len(settled)
+
+    async def settle_every(
+        self, barrier: Callable[[RawChannel], object], seconds: float = SETTLE_SECONDS
+    ) -> None:
+        """`settle` every `seconds`, until cancelled."""
+        while True:
+            await asyncio.sleep(seconds)
+            await self.settle(barrier)
+
+    async def settle_last(self, barrier: Callable[[RawChannel], object], timeout: float) -> None:
+        """At shutdown, after the drain: the last acks' barrier, so the log left behind
+        holds only what may come back. Bounded by `timeout` (a stalled broker must not hold
+        the process); a barrier that fails or times out leaves its parts recorded."""
+        with contextlib.suppress(TimeoutError, *CONNECTIVITY_ERRORS):
+            async with asyncio.timeout(timeout):
+                await self.settle(barrier)
 
     # --- internals ----------------------------------------------------------------------------
 

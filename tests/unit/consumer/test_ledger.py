@@ -430,3 +430,39 @@ async def test_a_live_but_idle_replicas_log_is_not_taken_for_a_gone_one(tmp_path
     assert await idle.settle(FakeChannel().barrier) == 0  # nothing acked: it still touches
     opened(tmp_path, "other", retention=3600)
     assert log.exists()
+
+
+async def test_the_last_settle_is_bounded_and_a_stalled_barrier_keeps_the_parts(
+    tmp_path: Path,
+) -> None:
+    """At shutdown a stalled broker must not hold the process: the last settle gives up
+    after its timeout, and what it could not confirm stays recorded."""
+    channel = FakeChannel()
+
+    async def stalled(_: Any) -> None:
+        await asyncio.Event().wait()
+
+    ledger = opened(tmp_path)
+    d = delivery([Part("m/0", 0, 2)], check=False, channel=channel)
+    await write(ledger, batch_of(d, 0, 2), "f1.jsonl")
+    ledger.acked(d)
+    await asyncio.wait_for(ledger.settle_last(stalled, 0.1), 2)
+    assert ledger.log.written("m/0") == [(0, 2)]
+    ledger.acked(d)
+    await ledger.settle_last(channel.barrier, 1)
+    assert ledger.log.written("m/0") == []
+
+
+async def test_settle_every_settles_on_its_period(tmp_path: Path) -> None:
+    channel = FakeChannel()
+    ledger = opened(tmp_path)
+    d = delivery([Part("m/0", 0, 2)], check=False, channel=channel)
+    await write(ledger, batch_of(d, 0, 2), "f1.jsonl")
+    ledger.acked(d)
+    assert ledger.parts == 1
+    task = asyncio.create_task(ledger.settle_every(channel.barrier, 0.01))
+    try:
+        await deliveries.until(lambda: ledger.parts == 0, what="the acked part settled")
+    finally:
+        task.cancel()
+    assert channel.barriers >= 1
