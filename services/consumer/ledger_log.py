@@ -196,26 +196,11 @@ class LedgerLog:
         except OSError as exc:
             log.debug("ledger: could not touch the log (%s)", exc)
 
-    def refresh(self) -> None:
-        """Read what other processes appended to their logs; confirm records whose file is
-        in place."""
-        with self._lock:
-            self._read_others()
-            self._confirm()
-
     # --- inspection ---------------------------------------------------------------------------
 
     @property
     def parts(self) -> int:
         return len(self._written)
-
-    def written(self, part: str) -> list[tuple[int, int]]:
-        with self._lock:
-            return [(a, b) for a, b, f in self._written.get(part, ()) if f not in self._unconfirmed]
-
-    def forget(self, ids: Iterable[str]) -> None:
-        with self._lock:
-            self._forget(ids)
 
     # --- internals (under the lock) -----------------------------------------------------------
 

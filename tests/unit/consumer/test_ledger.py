@@ -20,6 +20,7 @@ from services.consumer.ledger_log import _missing
 from tests.support import deliveries
 from tests.support.consumer import written_lines
 from tests.support.faults import files_limited_to
+from tests.support.ledger import written
 
 
 class FakeChannel:
@@ -191,7 +192,7 @@ async def test_a_torn_last_line_is_ignored(tmp_path: Path) -> None:
     with (tmp_path / ".ledger" / "a.log").open("ab") as log:
         log.write(b'{"t": 1, "f": "half')
     fresh = opened(tmp_path, "a")
-    assert fresh.log.written("m/0") == [(0, 2)]
+    assert written(fresh.log, "m/0") == [(0, 2)]
 
 
 async def test_a_second_copy_waits_for_the_first_write_instead_of_racing_it(
@@ -230,18 +231,16 @@ async def test_settled_parts_are_forgotten_here_and_by_readers_keyed_ones_kept(
     reader = opened(tmp_path, "b")
     plain = delivery([Part("m/0", 0, 2), Part("kx", 2, 4, keyed=True)], check=True, channel=channel)
     await write(ledger, batch_of(plain, 0, 4), "f1.jsonl")
-    reader.log.refresh()
-    assert reader.log.written("m/0") == [(0, 2)]
+    assert written(reader.log, "m/0") == [(0, 2)]
     ledger.acked(plain)
     assert await ledger.settle(channel.barrier) == 1
     assert channel.barriers == 1
-    assert ledger.log.written("m/0") == []
-    assert ledger.log.written("kx") == [(0, 2)]  # a client may still retry it
+    assert written(ledger.log, "m/0") == []
+    assert written(ledger.log, "kx") == [(0, 2)]  # a client may still retry it
     assert ledger.log._own["f1.jsonl"][1] == [("kx", 0, 2)]
-    ledger.log.forget(["kx"])
+    ledger.log.settle(["kx"])  # forgotten (as by the retention, or a settle)
     assert ledger.log._own == {}  # memory follows what is remembered
-    reader.log.refresh()
-    assert reader.log.written("m/0") == []
+    assert written(reader.log, "m/0") == []
 
 
 async def test_a_channel_failing_the_barrier_settles_nothing(tmp_path: Path) -> None:
@@ -255,7 +254,7 @@ async def test_a_channel_failing_the_barrier_settles_nothing(tmp_path: Path) -> 
     await write(ledger, batch_of(d, 0, 2), "f1.jsonl")
     ledger.acked(d)
     assert await ledger.settle(broken) == 0
-    assert ledger.log.written("m/0") == [(0, 2)]  # the ack may not have arrived: kept
+    assert written(ledger.log, "m/0") == [(0, 2)]  # the ack may not have arrived: kept
 
 
 async def test_retention_and_room_limits_forget_the_oldest(tmp_path: Path) -> None:
@@ -269,11 +268,11 @@ async def test_retention_and_room_limits_forget_the_oldest(tmp_path: Path) -> No
         await write(ledger, batch_of(d, 0, 1), f"f{i}.jsonl")
         now[0] += 40
     # At the last write (t=1080), k0 (t=1000) was past the 60 s retention, k1 (t=1040) not.
-    assert [ledger.log.written(f"k{i}") for i in range(3)] == [[], [(0, 1)], [(0, 1)]]
+    assert [written(ledger.log, f"k{i}") for i in range(3)] == [[], [(0, 1)], [(0, 1)]]
     assert forgotten == []  # its time was up: not "forgotten for room"
     # A restart at t=1120 reads the log with the same horizon: k1 is past it now.
     fresh = opened(tmp_path, retention=60, clock=lambda: now[0])
-    assert [fresh.log.written(f"k{i}") for i in range(3)] == [[], [], [(0, 1)]]
+    assert [written(fresh.log, f"k{i}") for i in range(3)] == [[], [], [(0, 1)]]
 
 
 async def test_past_max_parts_the_oldest_are_forgotten_and_counted(tmp_path: Path) -> None:
@@ -284,8 +283,8 @@ async def test_past_max_parts_the_oldest_are_forgotten_and_counted(tmp_path: Pat
         await write(ledger, batch_of(d, 0, 1), f"f{i}.jsonl")
     assert ledger.parts == 1000
     assert sum(forgotten) == 3
-    assert ledger.log.written("k2") == []
-    assert ledger.log.written("k3") == [(0, 1)]
+    assert written(ledger.log, "k2") == []
+    assert written(ledger.log, "k3") == [(0, 1)]
 
 
 async def test_a_gone_replicas_log_is_removed_after_the_retention(tmp_path: Path) -> None:
@@ -305,7 +304,7 @@ async def test_the_ledger_opens_itself_if_the_volume_was_unusable_at_start(
     (tmp_path / "late").mkdir()
     d = delivery([Part("m/0", 0, 1)], check=False)
     await write(ledger, batch_of(d, 0, 1), "f.jsonl")
-    assert opened(tmp_path / "late", "b").log.written("m/0") == [(0, 1)]
+    assert written(opened(tmp_path / "late", "b").log, "m/0") == [(0, 1)]
 
 
 async def test_compaction_waits_for_the_log_to_double_and_readers_keep_one_copy(
@@ -320,9 +319,9 @@ async def test_compaction_waits_for_the_log_to_double_and_readers_keep_one_copy(
         d = delivery([Part(f"k{i}", 0, 1, keyed=True)], check=False)
         await write(writer, batch_of(d, 0, 1), f"f{i}.jsonl")
         generations.add(log.read_bytes().split(b"\n", 1)[0])
-        reader.log.refresh()
+        written(reader.log, f"k{i}")  # a lookup: the reader reads what the writer appended
     assert 2 <= len(generations) <= 12  # compacted a few times, not on every write
-    assert all(reader.log.written(f"k{i}") == [(0, 1)] for i in range(200))
+    assert all(written(reader.log, f"k{i}") == [(0, 1)] for i in range(200))
     assert max(len(r) for r in reader.log._written.values()) == 1  # no copy per re-read
 
 
@@ -341,8 +340,8 @@ async def test_the_log_is_compacted_to_what_is_live(tmp_path: Path) -> None:
     fresh = opened(tmp_path)  # a restart compacts
     after = log.stat().st_size
     assert after < before / 10
-    assert fresh.log.written("kept/0") == [(0, 1)]
-    assert fresh.log.written("m3/0") == []
+    assert written(fresh.log, "kept/0") == [(0, 1)]
+    assert written(fresh.log, "m3/0") == []
 
 
 async def test_a_reused_message_id_does_not_hide_a_redelivered_messages_entries(
@@ -406,8 +405,8 @@ async def test_a_log_append_cut_short_by_a_full_volume_does_not_swallow_the_next
     with files_limited_to(log.stat().st_size + 10), pytest.raises(OSError, match="too large"):
         await write(ledger, batch_of(delivery([Part("m2/0", 0, 2)], check=False), 0, 2), "f2")
     await write(ledger, batch_of(delivery([Part("m3/0", 0, 2)], check=False), 0, 2), "f3.jsonl")
-    assert opened(tmp_path, "b").log.written("m3/0") == [(0, 2)]  # another replica
-    assert opened(tmp_path, "a").log.written("m3/0") == [(0, 2)]  # a restart
+    assert written(opened(tmp_path, "b").log, "m3/0") == [(0, 2)]  # another replica
+    assert written(opened(tmp_path, "a").log, "m3/0") == [(0, 2)]  # a restart
 
 
 async def test_a_line_of_another_shape_is_skipped_not_fatal(tmp_path: Path) -> None:
@@ -416,7 +415,7 @@ async def test_a_line_of_another_shape_is_skipped_not_fatal(tmp_path: Path) -> N
     await write(ledger, batch_of(delivery([Part("m/0", 0, 2)], check=False), 0, 2), "f1.jsonl")
     with (tmp_path / ".ledger" / "b.log").open("wb") as log:
         log.write(b'{"f": "x", "t": "soon", "p": 7}\n{"s": 5}\n[1, 2]\n{"d": 1}\n')
-    assert opened(tmp_path, "c").log.written("m/0") == [(0, 2)]
+    assert written(opened(tmp_path, "c").log, "m/0") == [(0, 2)]
 
 
 async def test_a_live_but_idle_replicas_log_is_not_taken_for_a_gone_one(tmp_path: Path) -> None:
@@ -447,10 +446,10 @@ async def test_the_last_settle_is_bounded_and_a_stalled_barrier_keeps_the_parts(
     await write(ledger, batch_of(d, 0, 2), "f1.jsonl")
     ledger.acked(d)
     await asyncio.wait_for(ledger.settle_last(stalled, 0.1), 2)
-    assert ledger.log.written("m/0") == [(0, 2)]
+    assert written(ledger.log, "m/0") == [(0, 2)]
     ledger.acked(d)
     await ledger.settle_last(channel.barrier, 1)
-    assert ledger.log.written("m/0") == []
+    assert written(ledger.log, "m/0") == []
 
 
 async def test_settle_every_settles_on_its_period(tmp_path: Path) -> None:

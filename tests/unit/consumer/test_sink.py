@@ -20,6 +20,7 @@ from services.consumer.ledger import Ledger
 from services.consumer.sink import Abandoned, FileSink, safe_host
 from tests.support.consumer import written_lines
 from tests.support.deliveries import data_path, delivery, entries, message, until
+from tests.support.ledger import written
 from tests.support.output import batch_files, file_lines, output_lines
 
 
@@ -240,4 +241,4 @@ async def test_the_ledger_names_files_relative_to_the_output_root(
     again = Ledger(tmp_path, "h")
     again.open()
     [part] = d.parts
-    assert again.log.written(part.id or "") == [(0, 2)]
+    assert written(again.log, part.id or "") == [(0, 2)]
