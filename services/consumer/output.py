@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from services.consumer.batch import Batcher
 from services.consumer.encoding import line_size
 from services.consumer.ledger import Ledger
+from services.consumer.ledger_log import LedgerLog, Retention
 from services.consumer.metrics import ConsumerMetrics
 from services.consumer.pool import Pool
 from services.consumer.settings import ConsumerSettings
@@ -92,25 +93,18 @@ def _ledger(
     """The ledger; its log in the bucket with the object store, else in the directory."""
     duplicates = metrics.duplicates
     host = safe_host(settings.host_name)
-    log_in_bucket = None
+    retention = Retention(
+        settings.ledger_retention_seconds,
+        settings.ledger_max_parts,
+        on_forget=metrics.ledger_forgotten.inc,
+    )
+    log: LedgerLog
     if store is not None:
         from services.consumer.object_ledger import ObjectLedgerLog
 
-        log_in_bucket = ObjectLedgerLog(
-            store,
-            host,
-            retention=settings.ledger_retention_seconds,
-            max_parts=settings.ledger_max_parts,
-            on_forget=metrics.ledger_forgotten.inc,
-        )
-    ledger = Ledger(
-        settings.data_output_dir,
-        host,
-        retention=settings.ledger_retention_seconds,
-        max_parts=settings.ledger_max_parts,
-        on_forget=metrics.ledger_forgotten.inc,
-        on_skip=lambda shard, count: duplicates.labels(str(shard)).inc(count),
-        log=log_in_bucket,
-    )
+        log = ObjectLedgerLog(store, host, retention)
+    else:
+        log = LedgerLog(settings.data_output_dir, host, retention)
+    ledger = Ledger(log, on_skip=lambda shard, count: duplicates.labels(str(shard)).inc(count))
     metrics.ledger_parts.set_function(lambda: ledger.parts)
     return ledger

@@ -16,7 +16,7 @@ from services.common.schema import Entry
 from services.common.wire import Part
 from services.consumer.batch import Batch, Delivery
 from services.consumer.ledger import Ledger
-from services.consumer.ledger_log import _missing
+from services.consumer.ledger_log import LedgerLog, Retention, _missing
 from tests.support import deliveries
 from tests.support.consumer import written_lines
 from tests.support.faults import files_limited_to
@@ -61,8 +61,9 @@ async def write(ledger: Ledger, batch: Batch, name: str) -> Batch:
     return admitted
 
 
-def opened(tmp_path: Path, host: str = "a", **kwargs: Any) -> Ledger:
-    ledger = Ledger(tmp_path, host, **kwargs)
+def opened(tmp_path: Path, host: str = "a", *args: Any, **kwargs: Any) -> Ledger:
+    """`args`, `kwargs`: the log's (`Retention`, `clock`)."""
+    ledger = Ledger(LedgerLog(tmp_path, host, *args, **kwargs))
     ledger.open()
     return ledger
 
@@ -261,7 +262,9 @@ async def test_retention_and_room_limits_forget_the_oldest(tmp_path: Path) -> No
     now = [1000.0]
     forgotten: list[int] = []
     ledger = opened(
-        tmp_path, retention=60, max_parts=1000, clock=lambda: now[0], on_forget=forgotten.append
+        tmp_path,
+        retention=Retention(60, max_parts=1000, on_forget=forgotten.append),
+        clock=lambda: now[0],
     )
     for i in range(3):
         d = delivery([Part(f"k{i}", 0, 1, keyed=True)], check=True)
@@ -271,13 +274,13 @@ async def test_retention_and_room_limits_forget_the_oldest(tmp_path: Path) -> No
     assert [written(ledger.log, f"k{i}") for i in range(3)] == [[], [(0, 1)], [(0, 1)]]
     assert forgotten == []  # its time was up: not "forgotten for room"
     # A restart at t=1120 reads the log with the same horizon: k1 is past it now.
-    fresh = opened(tmp_path, retention=60, clock=lambda: now[0])
+    fresh = opened(tmp_path, retention=Retention(60), clock=lambda: now[0])
     assert [written(fresh.log, f"k{i}") for i in range(3)] == [[], [], [(0, 1)]]
 
 
 async def test_past_max_parts_the_oldest_are_forgotten_and_counted(tmp_path: Path) -> None:
     forgotten: list[int] = []
-    ledger = opened(tmp_path, max_parts=1000, on_forget=forgotten.append)
+    ledger = opened(tmp_path, retention=Retention(max_parts=1000, on_forget=forgotten.append))
     for i in range(1003):
         d = delivery([Part(f"k{i}", 0, 1, keyed=True)], check=False)
         await write(ledger, batch_of(d, 0, 1), f"f{i}.jsonl")
@@ -292,7 +295,7 @@ async def test_a_gone_replicas_log_is_removed_after_the_retention(tmp_path: Path
     await write(old, batch_of(delivery([Part("m/0", 0, 1)], check=False), 0, 1), "f.jsonl")
     log = tmp_path / ".ledger" / "gone.log"
     os.utime(log, (time.time() - 7200, time.time() - 7200))
-    opened(tmp_path, "a", retention=3600)
+    opened(tmp_path, "a", Retention(3600))
     assert not log.exists()
     assert (tmp_path / ".ledger" / "a.log").exists()
 
@@ -300,7 +303,7 @@ async def test_a_gone_replicas_log_is_removed_after_the_retention(tmp_path: Path
 async def test_the_ledger_opens_itself_if_the_volume_was_unusable_at_start(
     tmp_path: Path,
 ) -> None:
-    ledger = Ledger(tmp_path / "late", "a")  # open() failed or never ran
+    ledger = Ledger(LedgerLog(tmp_path / "late", "a"))  # open() failed or never ran
     (tmp_path / "late").mkdir()
     d = delivery([Part("m/0", 0, 1)], check=False)
     await write(ledger, batch_of(d, 0, 1), "f.jsonl")
@@ -422,12 +425,12 @@ async def test_a_live_but_idle_replicas_log_is_not_taken_for_a_gone_one(tmp_path
     """A replica idle for longer than the retention still settles every 2 s: that keeps
     its log fresh, so another replica does not remove it (a record it appended as the
     other removed it would be lost)."""
-    idle = opened(tmp_path, "idle", retention=3600)
+    idle = opened(tmp_path, "idle", Retention(3600))
     await write(idle, batch_of(delivery([Part("k", 0, 1, keyed=True)], check=False), 0, 1), "f")
     log = tmp_path / ".ledger" / "idle.log"
     os.utime(log, (time.time() - 7200, time.time() - 7200))
     assert await idle.settle(FakeChannel().barrier) == 0  # nothing acked: it still touches
-    opened(tmp_path, "other", retention=3600)
+    opened(tmp_path, "other", Retention(3600))
     assert log.exists()
 
 
