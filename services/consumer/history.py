@@ -6,10 +6,14 @@ new generation. Live generations are always kept; stopped ones up to a limit (ol
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
+
+log = logging.getLogger(__name__)
 
 StopReason = Literal["scale-down", "timeout", "shutdown", "error"]
 
@@ -87,3 +91,9 @@ class WorkerHistory:
                 f"{worker:<8} {gens:>5} {entries:>12} {batches:>10} {'yes' if live else 'no':>5}"
             )
         return "\n".join(lines)
+
+    async def log_every(self, seconds: float) -> None:
+        """Log the table every `seconds` (HISTORY_LOG_INTERVAL_SECONDS), until cancelled."""
+        while True:
+            await asyncio.sleep(seconds)
+            log.info("worker history:\n%s", self.table())

@@ -2,8 +2,9 @@
 never sees it.
 
 Entries are known by part (`services.common.wire`): a part id and an index in the part.
-What is already in files is in the log (`ledger_log.LedgerLog`, on disk in the output
-volume, shared by the replicas writing there). This module keeps what lives on the event
+What is already in files is in the log it is given (`ledger_log.LedgerLog`, on disk in
+the output volume, shared by the replicas writing there; `object_ledger.ObjectLedgerLog`,
+in the bucket). This module keeps what lives on the event
 loop: the claims of the writes in progress, and the settling of acked messages.
 
 Writing a batch (`admit` → group commit → `release`): its ranges are claimed first, so
@@ -28,43 +29,35 @@ forgets acks it had applied (a crash, a quorum leader change) redelivers settled
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from aiormq.abc import AbstractChannel as RawChannel
 
+from services.common.broker import CONNECTIVITY_ERRORS
 from services.consumer.batch import Batch, Delivery, Span
 from services.consumer.ledger_log import LedgerLog
 
 log = logging.getLogger(__name__)
 
 LOOKUP_THREADS = 4
+# How often acked deliveries are confirmed applied (a barrier) and forgotten.
+SETTLE_SECONDS = 2.0
 
 
 class Ledger:
     def __init__(
         self,
-        directory: Path,
-        host: str,
+        log: LedgerLog,
         *,
-        retention: float = 3600.0,
-        max_parts: int = 250_000,
-        clock: Callable[[], float] = time.time,
-        on_forget: Callable[[int], None] = lambda count: None,
         on_skip: Callable[[int, int], None] = lambda shard, count: None,
-        log: LedgerLog | None = None,
     ) -> None:
-        """`on_forget(count)`: parts forgotten for room; `on_skip(shard, count)`: entries
-        left out as already written (duplicates avoided). `log`: a log kept elsewhere
-        (`object_ledger.ObjectLedgerLog`, in the bucket); by default the file log in
-        `directory`."""
-        self.log = log or LedgerLog(
-            directory, host, retention=retention, max_parts=max_parts, clock=clock,
-            on_forget=on_forget,
-        )  # fmt: skip
+        """`log`: what is written (the file log in the output directory, or
+        `object_ledger.ObjectLedgerLog` in the bucket). `on_skip(shard, count)`: entries
+        left out as already written (duplicates avoided)."""
+        self.log = log
         self._on_skip = on_skip
         self._io = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="adp-ledger")
         # part id -> ranges being written now, with the write's outcome.
@@ -180,6 +173,22 @@ class Ledger:
         if settled:
             await loop.run_in_executor(self._io, self.log.settle, settled)
         return len(settled)
+
+    async def settle_every(
+        self, barrier: Callable[[RawChannel], object], seconds: float = SETTLE_SECONDS
+    ) -> None:
+        """`settle` every `seconds`, until cancelled."""
+        while True:
+            await asyncio.sleep(seconds)
+            await self.settle(barrier)
+
+    async def settle_last(self, barrier: Callable[[RawChannel], object], timeout: float) -> None:
+        """At shutdown, after the drain: the last acks' barrier, so the log left behind
+        holds only what may come back. Bounded by `timeout` (a stalled broker must not hold
+        the process); a barrier that fails or times out leaves its parts recorded."""
+        with contextlib.suppress(TimeoutError, *CONNECTIVITY_ERRORS):
+            async with asyncio.timeout(timeout):
+                await self.settle(barrier)
 
     # --- internals ----------------------------------------------------------------------------
 

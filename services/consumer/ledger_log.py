@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic_core import to_json
@@ -51,24 +52,36 @@ LEDGER_DIR = ".ledger"
 COMPACT_BYTES = 8 * 1024 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """What a log keeps: parts for `seconds` (LEDGER_RETENTION_SECONDS), at most
+    `max_parts` (LEDGER_MAX_PARTS: beyond, the oldest are forgotten, counted through
+    `on_forget(count)`)."""
+
+    seconds: float = 3600.0
+    max_parts: int = 250_000
+    on_forget: Callable[[int], None] = lambda count: None
+
+
+DEFAULT_RETENTION = Retention()
+
+
 class LedgerLog:
     def __init__(
         self,
         directory: Path,
         host: str,
+        retention: Retention = DEFAULT_RETENTION,
         *,
-        retention: float = 3600.0,
-        max_parts: int = 250_000,
         clock: Callable[[], float] = time.time,
-        on_forget: Callable[[int], None] = lambda count: None,
     ) -> None:
         self.directory = directory
         self.folder = directory / LEDGER_DIR
         self._path = self.folder / f"{host}.log"
-        self._retention = retention
-        self._max_parts = max_parts
+        self._retention = retention.seconds
+        self._max_parts = retention.max_parts
         self._clock = clock
-        self._on_forget = on_forget  # parts forgotten for room
+        self._on_forget = retention.on_forget  # parts forgotten for room
         self._lock = threading.Lock()
         self._opened = False
         self._size = 0
@@ -196,26 +209,11 @@ class LedgerLog:
         except OSError as exc:
             log.debug("ledger: could not touch the log (%s)", exc)
 
-    def refresh(self) -> None:
-        """Read what other processes appended to their logs; confirm records whose file is
-        in place."""
-        with self._lock:
-            self._read_others()
-            self._confirm()
-
     # --- inspection ---------------------------------------------------------------------------
 
     @property
     def parts(self) -> int:
         return len(self._written)
-
-    def written(self, part: str) -> list[tuple[int, int]]:
-        with self._lock:
-            return [(a, b) for a, b, f in self._written.get(part, ()) if f not in self._unconfirmed]
-
-    def forget(self, ids: Iterable[str]) -> None:
-        with self._lock:
-            self._forget(ids)
 
     # --- internals (under the lock) -----------------------------------------------------------
 

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from services.consumer.ledger_log import LEDGER_DIR, LedgerLog
+from services.consumer.ledger_log import DEFAULT_RETENTION, LEDGER_DIR, LedgerLog, Retention
 from services.consumer.object_store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -42,16 +42,11 @@ class ObjectLedgerLog(LedgerLog):
         self,
         store: ObjectStore,
         host: str,
+        retention: Retention = DEFAULT_RETENTION,
         *,
-        retention: float = 3600.0,
-        max_parts: int = 250_000,
         clock: Callable[[], float] = time.time,
-        on_forget: Callable[[int], None] = lambda count: None,
     ) -> None:
-        super().__init__(
-            Path("."), host, retention=retention, max_parts=max_parts, clock=clock,
-            on_forget=on_forget,
-        )  # fmt: skip
+        super().__init__(Path("."), host, retention, clock=clock)
         self._store = store
         self._own_prefix = f"{LEDGER_DIR}/{host}/"
         self._generation = ""

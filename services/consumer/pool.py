@@ -89,7 +89,7 @@ class BatchQueue:
 
 
 class _Worker:
-    __slots__ = ("busy", "current", "first", "record", "retiring", "task")
+    __slots__ = ("busy", "current", "first", "record", "retiring", "started", "task")
 
     def __init__(self, record: WorkerRecord, first: Batch | None) -> None:
         self.record = record
@@ -97,6 +97,7 @@ class _Worker:
         self.busy = first is not None
         self.current: Batch | None = None
         self.retiring = False
+        self.started = False  # its task has taken its first step
         self.task: asyncio.Task[None] | None = None
 
 
@@ -205,10 +206,29 @@ class Pool:
         worker = _Worker(self._history.start(self.shard, slot), first)
         self._workers[slot] = worker
         task = asyncio.create_task(self._run(worker, pause), name=f"worker-{worker.record.id}")
+        # Registered before anyone can wait for the task (`stop`), so it has run by then.
+        task.add_done_callback(lambda _: self._ended_unstarted(worker))
         worker.task = task
         self._live_gauge.set(self.live)
 
+    def _ended_unstarted(self, worker: _Worker) -> None:
+        """A task cancelled before its first step never runs `_run`, not even its
+        `finally`: the pool forgets the worker here instead, and puts its batch back."""
+        if worker.started:
+            return
+        if worker.first is not None:
+            self.queue.put(worker.first, front=True)
+        self._stopped(worker, "scale-down" if worker.retiring else "shutdown")
+        self._check_idle()
+
+    def _stopped(self, worker: _Worker, reason: StopReason) -> None:
+        self._history.stop(worker.record, reason)
+        if self._workers.get(worker.record.slot) is worker:
+            del self._workers[worker.record.slot]
+        self._live_gauge.set(self.live)
+
     async def _run(self, worker: _Worker, pause: float) -> None:
+        worker.started = True
         reason: StopReason = "shutdown"
         retry: Batch | None = None
         try:
@@ -220,10 +240,7 @@ class Pool:
             if worker.first is not None:  # cancelled before starting its first job
                 self.queue.put(worker.first, front=True)
         finally:
-            self._history.stop(worker.record, reason)
-            if self._workers.get(worker.record.slot) is worker:
-                del self._workers[worker.record.slot]
-            self._live_gauge.set(self.live)
+            self._stopped(worker, reason)
         # Replaced in the same step, so the live count never dips below the minimum; a
         # retiring worker is not replaced (its batch goes back to the queue).
         if reason in ("timeout", "error") and not self._stopping and not worker.retiring:

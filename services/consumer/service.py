@@ -1,6 +1,7 @@
-"""The consumer service wires the consumer: per shard a batcher and a worker pool, the
-intake (`intake.py`: channels, the message callback), poison messages (`poison.py`),
-readiness (`readiness.py`), the autoscaler and its depth probe, the broker connection.
+"""The consumer service wires the consumer: the output (`output.py`: the sink, the ledger,
+the batchers), per shard a batcher and a worker pool, the intake (`intake.py`: channels,
+the message callback), poison messages (`poison.py`), readiness (`readiness.py`), the
+autoscaler and its depth probe, the broker connection.
 
 Lifecycle, through one `AsyncExitStack` (what started is stopped in reverse order, also
 when the start-up fails half-way): entering starts the connection, the pools and the
@@ -18,38 +19,31 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
-from services.common.broker import CONNECTIVITY_ERRORS, Broker, BrokerMetrics
+from services.common.broker import Broker, BrokerMetrics
 from services.common.topology import Topology
 from services.consumer.acker import Acker
 from services.consumer.autoscaler import Autoscaler, BrokerDepthProbe
-from services.consumer.batch import Batcher, Delivery
-from services.consumer.encoding import line_size
+from services.consumer.batch import Delivery
 from services.consumer.freshness import Freshness
 from services.consumer.group import MAX_GROUPS
 from services.consumer.history import WorkerHistory
 from services.consumer.intake import Intake
-from services.consumer.ledger import Ledger
 from services.consumer.metrics import ConsumerMetrics
+from services.consumer.output import build_output, new_batcher
 from services.consumer.poison import Poison
 from services.consumer.pool import Pool
 from services.consumer.readiness import Directory, Readiness
 from services.consumer.settings import ConsumerSettings
-from services.consumer.sink import FileSink, Sink, safe_host
-
-if TYPE_CHECKING:
-    from services.consumer.object_store import ObjectStore
+from services.consumer.sink import Sink
 
 log = logging.getLogger(__name__)
 
 # After the drain: the longest wait for the channels and the connection to close (a stalled
 # broker must not hold the process past its grace period).
 CLOSE_TIMEOUT_SECONDS = 3.0
-# How often acked deliveries are confirmed applied (a barrier) and forgotten by the ledger.
-SETTLE_SECONDS = 2.0
 
 
 class ConsumerService:
@@ -73,10 +67,7 @@ class ConsumerService:
             thread_name_prefix="adp-write",
         )
         # The sink owns the ledger; the service keeps it only to settle acked messages.
-        store = self._new_store(settings) if settings.output_url else None
-        self.ledger = self._new_ledger(settings, store) if settings.exactly_once else None
-        sink = self._new_sink(settings, self.ledger, store)
-        self.destination = settings.output_url or str(settings.data_output_dir)
+        sink, self.ledger, self.destination = build_output(settings, self.metrics, self._executor)
         self.sink = wrap_sink(sink) if wrap_sink is not None else sink
         self.freshness = Freshness(registry, settings.shards_count)
         self.acker = Acker(
@@ -97,7 +88,7 @@ class ConsumerService:
             )
             for shard in range(settings.shards_count)
         ]
-        self.batchers = [self._new_batcher(settings, pool) for pool in self.pools]
+        self.batchers = [new_batcher(settings, pool) for pool in self.pools]
         self._probe = BrokerDepthProbe(self.topology)
         self._intake = Intake(
             topology=self.topology,
@@ -122,82 +113,6 @@ class ConsumerService:
         self._drained = False
         self._left = 0  # batches not written when the broker closed
         self.metrics.broker_connected.set_function(lambda: float(self._broker.connected))
-
-    @staticmethod
-    def _new_batcher(settings: ConsumerSettings, pool: Pool) -> Batcher:
-        router = settings.path_template.router(pool.shard)
-        return Batcher(
-            pool.shard,
-            settings.batch_size,
-            settings.batch_max_wait_seconds,
-            pool.submit,
-            max_bytes=settings.batch_max_bytes,
-            route=router.directories if router is not None else None,
-            size=line_size if settings.batch_max_bytes else None,
-        )
-
-    def _new_store(self, settings: ConsumerSettings) -> ObjectStore:
-        # Imported only for OUTPUT_URL: obstore comes with the `s3` extra (the consumer image's).
-        from services.consumer.object_store import ObjectLocation, ObjectStore
-
-        errors = self.metrics.store_errors
-        return ObjectStore(
-            ObjectLocation.parse(settings.output_url),
-            endpoint=settings.s3_endpoint_url or None,
-            on_error=lambda operation: errors.labels(operation).inc(),
-            on_put=self.metrics.put_seconds.observe,
-        )
-
-    def _new_ledger(self, settings: ConsumerSettings, store: ObjectStore | None) -> Ledger:
-        duplicates = self.metrics.duplicates
-        host = safe_host(settings.host_name)
-        log_in_bucket = None
-        if store is not None:
-            from services.consumer.object_ledger import ObjectLedgerLog
-
-            log_in_bucket = ObjectLedgerLog(
-                store,
-                host,
-                retention=settings.ledger_retention_seconds,
-                max_parts=settings.ledger_max_parts,
-                on_forget=self.metrics.ledger_forgotten.inc,
-            )
-        ledger = Ledger(
-            settings.data_output_dir,
-            host,
-            retention=settings.ledger_retention_seconds,
-            max_parts=settings.ledger_max_parts,
-            on_forget=self.metrics.ledger_forgotten.inc,
-            on_skip=lambda shard, count: duplicates.labels(str(shard)).inc(count),
-            log=log_in_bucket,
-        )
-        self.metrics.ledger_parts.set_function(lambda: ledger.parts)
-        return ledger
-
-    def _new_sink(
-        self, settings: ConsumerSettings, ledger: Ledger | None, store: ObjectStore | None
-    ) -> Sink:
-        """The sink the batches are written to: the object store (OUTPUT_URL) or files."""
-        if store is not None:
-            from services.consumer.object_sink import ObjectSink  # the s3 extra's obstore
-
-            return ObjectSink(
-                store,
-                settings.host_name,
-                self._executor,
-                ledger,
-                compression=settings.output_compression,
-                on_group=self.metrics.group_batches.observe,
-            )
-        return FileSink(
-            settings.data_output_dir,
-            settings.host_name,
-            self._executor,
-            ledger,
-            compression=settings.output_compression,
-            sync=settings.sync_mode,
-            on_group=self.metrics.group_batches.observe,
-        )
 
     def pools_state(self) -> list[dict[str, int]]:
         """Per shard: live workers and bounds, busy workers, queued batches, and entries
@@ -267,9 +182,11 @@ class ConsumerService:
             asyncio.create_task(self._directory.watch(), name="directory-check"),
         ]
         if s.history_log_interval_seconds:
-            tasks.append(asyncio.create_task(self._log_history(), name="history-log"))
+            history = self.history.log_every(s.history_log_interval_seconds)
+            tasks.append(asyncio.create_task(history, name="history-log"))
         if self.ledger is not None:
-            tasks.append(asyncio.create_task(self._settle(), name="ledger-settle"))
+            settle = self.ledger.settle_every(self._intake.barrier)
+            tasks.append(asyncio.create_task(settle, name="ledger-settle"))
         return tasks
 
     async def _drain(self) -> None:
@@ -294,12 +211,9 @@ class ConsumerService:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _last_settle(self) -> None:
-        """The last acks' barrier, so the log left behind holds only what may come back."""
-        if self.ledger is None or not self._drained:
-            return
-        with contextlib.suppress(TimeoutError, *CONNECTIVITY_ERRORS):
-            async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
-                await self.ledger.settle(self._intake.barrier)
+        """After a complete drain only: the ledger's last settle (bounded)."""
+        if self.ledger is not None and self._drained:
+            await self.ledger.settle_last(self._intake.barrier, CLOSE_TIMEOUT_SECONDS)
 
     async def _close_broker(
         self,
@@ -325,17 +239,6 @@ class ConsumerService:
             self.acker.acked,
             self._left,
         )
-
-    async def _settle(self) -> None:
-        assert self.ledger is not None
-        while True:
-            await asyncio.sleep(SETTLE_SECONDS)
-            await self.ledger.settle(self._intake.barrier)
-
-    async def _log_history(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.history_log_interval_seconds)
-            log.info("worker history:\n%s", self.history.table())
 
 
 def _nothing(delivery: Delivery) -> None:

@@ -19,6 +19,7 @@ from services.consumer.acker import Acker
 from services.consumer.batch import Batch, Delivery
 from services.consumer.history import WorkerHistory
 from services.consumer.ledger import Ledger
+from services.consumer.ledger_log import LedgerLog
 from services.consumer.metrics import ConsumerMetrics
 from services.consumer.pool import Pool
 from services.consumer.sink import FileSink
@@ -99,7 +100,7 @@ async def data_path(
     metrics = ConsumerMetrics(new_registry(process=False))
     history = WorkerHistory()
     executor = ThreadPoolExecutor(workers + 2, thread_name_prefix="test-write")
-    ledger = Ledger(directory, host) if exactly_once else None
+    ledger = Ledger(LedgerLog(directory, host)) if exactly_once else None
     sink = FileSink(directory, host, executor, ledger)
     sink.prepare()
     pool = Pool(

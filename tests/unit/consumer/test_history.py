@@ -1,6 +1,12 @@
 from __future__ import annotations
 
+import asyncio
+import logging
+
+import pytest
+
 from services.consumer.history import WorkerHistory
+from tests.support.deliveries import until
 
 
 def test_each_restart_of_a_slot_is_a_new_generation() -> None:
@@ -30,3 +36,15 @@ def test_stopped_generations_are_bounded_live_ones_kept() -> None:
     records = history.records()
     assert len(records) == 11
     assert live in records
+
+
+async def test_the_table_is_logged_on_its_period(caplog: pytest.LogCaptureFixture) -> None:
+    history = WorkerHistory()
+    history.start(0, 0)
+    caplog.set_level(logging.INFO, logger="services.consumer.history")
+    task = asyncio.create_task(history.log_every(0.01))
+    try:
+        await until(lambda: "worker history:" in caplog.text, what="the table logged")
+    finally:
+        task.cancel()
+    assert "0-0" in caplog.text

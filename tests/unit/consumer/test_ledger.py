@@ -16,10 +16,11 @@ from services.common.schema import Entry
 from services.common.wire import Part
 from services.consumer.batch import Batch, Delivery
 from services.consumer.ledger import Ledger
-from services.consumer.ledger_log import _missing
+from services.consumer.ledger_log import LedgerLog, Retention, _missing
 from tests.support import deliveries
 from tests.support.consumer import written_lines
 from tests.support.faults import files_limited_to
+from tests.support.ledger import written
 
 
 class FakeChannel:
@@ -60,8 +61,9 @@ async def write(ledger: Ledger, batch: Batch, name: str) -> Batch:
     return admitted
 
 
-def opened(tmp_path: Path, host: str = "a", **kwargs: Any) -> Ledger:
-    ledger = Ledger(tmp_path, host, **kwargs)
+def opened(tmp_path: Path, host: str = "a", *args: Any, **kwargs: Any) -> Ledger:
+    """`args`, `kwargs`: the log's (`Retention`, `clock`)."""
+    ledger = Ledger(LedgerLog(tmp_path, host, *args, **kwargs))
     ledger.open()
     return ledger
 
@@ -191,7 +193,7 @@ async def test_a_torn_last_line_is_ignored(tmp_path: Path) -> None:
     with (tmp_path / ".ledger" / "a.log").open("ab") as log:
         log.write(b'{"t": 1, "f": "half')
     fresh = opened(tmp_path, "a")
-    assert fresh.log.written("m/0") == [(0, 2)]
+    assert written(fresh.log, "m/0") == [(0, 2)]
 
 
 async def test_a_second_copy_waits_for_the_first_write_instead_of_racing_it(
@@ -230,18 +232,16 @@ async def test_settled_parts_are_forgotten_here_and_by_readers_keyed_ones_kept(
     reader = opened(tmp_path, "b")
     plain = delivery([Part("m/0", 0, 2), Part("kx", 2, 4, keyed=True)], check=True, channel=channel)
     await write(ledger, batch_of(plain, 0, 4), "f1.jsonl")
-    reader.log.refresh()
-    assert reader.log.written("m/0") == [(0, 2)]
+    assert written(reader.log, "m/0") == [(0, 2)]
     ledger.acked(plain)
     assert await ledger.settle(channel.barrier) == 1
     assert channel.barriers == 1
-    assert ledger.log.written("m/0") == []
-    assert ledger.log.written("kx") == [(0, 2)]  # a client may still retry it
+    assert written(ledger.log, "m/0") == []
+    assert written(ledger.log, "kx") == [(0, 2)]  # a client may still retry it
     assert ledger.log._own["f1.jsonl"][1] == [("kx", 0, 2)]
-    ledger.log.forget(["kx"])
+    ledger.log.settle(["kx"])  # forgotten (as by the retention, or a settle)
     assert ledger.log._own == {}  # memory follows what is remembered
-    reader.log.refresh()
-    assert reader.log.written("m/0") == []
+    assert written(reader.log, "m/0") == []
 
 
 async def test_a_channel_failing_the_barrier_settles_nothing(tmp_path: Path) -> None:
@@ -255,37 +255,39 @@ async def test_a_channel_failing_the_barrier_settles_nothing(tmp_path: Path) -> 
     await write(ledger, batch_of(d, 0, 2), "f1.jsonl")
     ledger.acked(d)
     assert await ledger.settle(broken) == 0
-    assert ledger.log.written("m/0") == [(0, 2)]  # the ack may not have arrived: kept
+    assert written(ledger.log, "m/0") == [(0, 2)]  # the ack may not have arrived: kept
 
 
 async def test_retention_and_room_limits_forget_the_oldest(tmp_path: Path) -> None:
     now = [1000.0]
     forgotten: list[int] = []
     ledger = opened(
-        tmp_path, retention=60, max_parts=1000, clock=lambda: now[0], on_forget=forgotten.append
+        tmp_path,
+        retention=Retention(60, max_parts=1000, on_forget=forgotten.append),
+        clock=lambda: now[0],
     )
     for i in range(3):
         d = delivery([Part(f"k{i}", 0, 1, keyed=True)], check=True)
         await write(ledger, batch_of(d, 0, 1), f"f{i}.jsonl")
         now[0] += 40
     # At the last write (t=1080), k0 (t=1000) was past the 60 s retention, k1 (t=1040) not.
-    assert [ledger.log.written(f"k{i}") for i in range(3)] == [[], [(0, 1)], [(0, 1)]]
+    assert [written(ledger.log, f"k{i}") for i in range(3)] == [[], [(0, 1)], [(0, 1)]]
     assert forgotten == []  # its time was up: not "forgotten for room"
     # A restart at t=1120 reads the log with the same horizon: k1 is past it now.
-    fresh = opened(tmp_path, retention=60, clock=lambda: now[0])
-    assert [fresh.log.written(f"k{i}") for i in range(3)] == [[], [], [(0, 1)]]
+    fresh = opened(tmp_path, retention=Retention(60), clock=lambda: now[0])
+    assert [written(fresh.log, f"k{i}") for i in range(3)] == [[], [], [(0, 1)]]
 
 
 async def test_past_max_parts_the_oldest_are_forgotten_and_counted(tmp_path: Path) -> None:
     forgotten: list[int] = []
-    ledger = opened(tmp_path, max_parts=1000, on_forget=forgotten.append)
+    ledger = opened(tmp_path, retention=Retention(max_parts=1000, on_forget=forgotten.append))
     for i in range(1003):
         d = delivery([Part(f"k{i}", 0, 1, keyed=True)], check=False)
         await write(ledger, batch_of(d, 0, 1), f"f{i}.jsonl")
     assert ledger.parts == 1000
     assert sum(forgotten) == 3
-    assert ledger.log.written("k2") == []
-    assert ledger.log.written("k3") == [(0, 1)]
+    assert written(ledger.log, "k2") == []
+    assert written(ledger.log, "k3") == [(0, 1)]
 
 
 async def test_a_gone_replicas_log_is_removed_after_the_retention(tmp_path: Path) -> None:
@@ -293,7 +295,7 @@ async def test_a_gone_replicas_log_is_removed_after_the_retention(tmp_path: Path
     await write(old, batch_of(delivery([Part("m/0", 0, 1)], check=False), 0, 1), "f.jsonl")
     log = tmp_path / ".ledger" / "gone.log"
     os.utime(log, (time.time() - 7200, time.time() - 7200))
-    opened(tmp_path, "a", retention=3600)
+    opened(tmp_path, "a", Retention(3600))
     assert not log.exists()
     assert (tmp_path / ".ledger" / "a.log").exists()
 
@@ -301,11 +303,11 @@ async def test_a_gone_replicas_log_is_removed_after_the_retention(tmp_path: Path
 async def test_the_ledger_opens_itself_if_the_volume_was_unusable_at_start(
     tmp_path: Path,
 ) -> None:
-    ledger = Ledger(tmp_path / "late", "a")  # open() failed or never ran
+    ledger = Ledger(LedgerLog(tmp_path / "late", "a"))  # open() failed or never ran
     (tmp_path / "late").mkdir()
     d = delivery([Part("m/0", 0, 1)], check=False)
     await write(ledger, batch_of(d, 0, 1), "f.jsonl")
-    assert opened(tmp_path / "late", "b").log.written("m/0") == [(0, 1)]
+    assert written(opened(tmp_path / "late", "b").log, "m/0") == [(0, 1)]
 
 
 async def test_compaction_waits_for_the_log_to_double_and_readers_keep_one_copy(
@@ -320,9 +322,9 @@ async def test_compaction_waits_for_the_log_to_double_and_readers_keep_one_copy(
         d = delivery([Part(f"k{i}", 0, 1, keyed=True)], check=False)
         await write(writer, batch_of(d, 0, 1), f"f{i}.jsonl")
         generations.add(log.read_bytes().split(b"\n", 1)[0])
-        reader.log.refresh()
+        written(reader.log, f"k{i}")  # a lookup: the reader reads what the writer appended
     assert 2 <= len(generations) <= 12  # compacted a few times, not on every write
-    assert all(reader.log.written(f"k{i}") == [(0, 1)] for i in range(200))
+    assert all(written(reader.log, f"k{i}") == [(0, 1)] for i in range(200))
     assert max(len(r) for r in reader.log._written.values()) == 1  # no copy per re-read
 
 
@@ -341,8 +343,8 @@ async def test_the_log_is_compacted_to_what_is_live(tmp_path: Path) -> None:
     fresh = opened(tmp_path)  # a restart compacts
     after = log.stat().st_size
     assert after < before / 10
-    assert fresh.log.written("kept/0") == [(0, 1)]
-    assert fresh.log.written("m3/0") == []
+    assert written(fresh.log, "kept/0") == [(0, 1)]
+    assert written(fresh.log, "m3/0") == []
 
 
 async def test_a_reused_message_id_does_not_hide_a_redelivered_messages_entries(
@@ -406,8 +408,8 @@ async def test_a_log_append_cut_short_by_a_full_volume_does_not_swallow_the_next
     with files_limited_to(log.stat().st_size + 10), pytest.raises(OSError, match="too large"):
         await write(ledger, batch_of(delivery([Part("m2/0", 0, 2)], check=False), 0, 2), "f2")
     await write(ledger, batch_of(delivery([Part("m3/0", 0, 2)], check=False), 0, 2), "f3.jsonl")
-    assert opened(tmp_path, "b").log.written("m3/0") == [(0, 2)]  # another replica
-    assert opened(tmp_path, "a").log.written("m3/0") == [(0, 2)]  # a restart
+    assert written(opened(tmp_path, "b").log, "m3/0") == [(0, 2)]  # another replica
+    assert written(opened(tmp_path, "a").log, "m3/0") == [(0, 2)]  # a restart
 
 
 async def test_a_line_of_another_shape_is_skipped_not_fatal(tmp_path: Path) -> None:
@@ -416,17 +418,53 @@ async def test_a_line_of_another_shape_is_skipped_not_fatal(tmp_path: Path) -> N
     await write(ledger, batch_of(delivery([Part("m/0", 0, 2)], check=False), 0, 2), "f1.jsonl")
     with (tmp_path / ".ledger" / "b.log").open("wb") as log:
         log.write(b'{"f": "x", "t": "soon", "p": 7}\n{"s": 5}\n[1, 2]\n{"d": 1}\n')
-    assert opened(tmp_path, "c").log.written("m/0") == [(0, 2)]
+    assert written(opened(tmp_path, "c").log, "m/0") == [(0, 2)]
 
 
 async def test_a_live_but_idle_replicas_log_is_not_taken_for_a_gone_one(tmp_path: Path) -> None:
     """A replica idle for longer than the retention still settles every 2 s: that keeps
     its log fresh, so another replica does not remove it (a record it appended as the
     other removed it would be lost)."""
-    idle = opened(tmp_path, "idle", retention=3600)
+    idle = opened(tmp_path, "idle", Retention(3600))
     await write(idle, batch_of(delivery([Part("k", 0, 1, keyed=True)], check=False), 0, 1), "f")
     log = tmp_path / ".ledger" / "idle.log"
     os.utime(log, (time.time() - 7200, time.time() - 7200))
     assert await idle.settle(FakeChannel().barrier) == 0  # nothing acked: it still touches
-    opened(tmp_path, "other", retention=3600)
+    opened(tmp_path, "other", Retention(3600))
     assert log.exists()
+
+
+async def test_the_last_settle_is_bounded_and_a_stalled_barrier_keeps_the_parts(
+    tmp_path: Path,
+) -> None:
+    """At shutdown a stalled broker must not hold the process: the last settle gives up
+    after its timeout, and what it could not confirm stays recorded."""
+    channel = FakeChannel()
+
+    async def stalled(_: Any) -> None:
+        await asyncio.Event().wait()
+
+    ledger = opened(tmp_path)
+    d = delivery([Part("m/0", 0, 2)], check=False, channel=channel)
+    await write(ledger, batch_of(d, 0, 2), "f1.jsonl")
+    ledger.acked(d)
+    await asyncio.wait_for(ledger.settle_last(stalled, 0.1), 2)
+    assert written(ledger.log, "m/0") == [(0, 2)]
+    ledger.acked(d)
+    await ledger.settle_last(channel.barrier, 1)
+    assert written(ledger.log, "m/0") == []
+
+
+async def test_settle_every_settles_on_its_period(tmp_path: Path) -> None:
+    channel = FakeChannel()
+    ledger = opened(tmp_path)
+    d = delivery([Part("m/0", 0, 2)], check=False, channel=channel)
+    await write(ledger, batch_of(d, 0, 2), "f1.jsonl")
+    ledger.acked(d)
+    assert ledger.parts == 1
+    task = asyncio.create_task(ledger.settle_every(channel.barrier, 0.01))
+    try:
+        await deliveries.until(lambda: ledger.parts == 0, what="the acked part settled")
+    finally:
+        task.cancel()
+    assert channel.barriers >= 1

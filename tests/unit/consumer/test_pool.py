@@ -221,3 +221,45 @@ async def test_drained_waits_for_a_batch_retried_after_a_timeout() -> None:
     assert await pool.drained(5)
     assert "ack m" in log, "drained() reported idle with the batch still unwritten"
     await pool.stop()
+
+
+async def test_workers_stopped_before_they_ever_ran_are_no_longer_counted_live() -> None:
+    """A worker task cancelled before its first step never runs its body: the pool must
+    still forget it (live count, gauge, history) — here a stop right after the start."""
+    log: list[str] = []
+    pool, history = make_pool(ScriptedSink(log, []), timeout=5)
+    pool.workers_min = 2
+    pool.start()
+    await pool.stop()  # in the same step: no worker has run yet
+    assert pool.live == 0
+    assert pool.state()["live"] == 0
+    assert pool._live_gauge._value.get() == 0
+    assert [r.stop_reason for r in history.records()] == ["shutdown", "shutdown"]
+
+
+async def test_a_worker_retired_before_it_ever_ran_frees_its_slot() -> None:
+    log: list[str] = []
+    pool, history = make_pool(ScriptedSink(log, []), timeout=5)
+    pool.start()
+    await asyncio.sleep(0)  # 0-0 runs and waits for a batch
+    assert pool.grow()
+    assert pool.shrink()  # the idle 0-1 retires before its first step
+    await eventually(holds(lambda: pool.live == 1), timeout=2.0, interval=0.01)
+    by_id = {r.id: r.stop_reason for r in history.records()}
+    assert by_id == {"0-0": None, "0-1": "scale-down"}
+    assert pool.grow()  # its slot is free again
+    await pool.stop()
+    assert pool.live == 0
+
+
+async def test_a_fresh_generation_stopped_before_it_ran_puts_its_retry_back() -> None:
+    """A slot's fresh generation holding the batch its predecessor timed out on (spawned
+    as the timeout's replacement, here directly) is stopped before its first step: the
+    batch is queued again, so the shutdown counts it as left unwritten."""
+    log: list[str] = []
+    pool, history = make_pool(ScriptedSink(log, []), timeout=5)
+    pool._spawn(0, batch_of(log, "m"))
+    await pool.stop()
+    assert pool.live == 0
+    assert pool.queue.pending == 1
+    assert [r.stop_reason for r in history.records()] == ["shutdown"]

@@ -17,9 +17,11 @@ from services.consumer.batch import Batch
 from services.consumer.encoding import SUFFIXES, Compression
 from services.consumer.group import SyncMode
 from services.consumer.ledger import Ledger
+from services.consumer.ledger_log import LedgerLog
 from services.consumer.sink import Abandoned, FileSink, safe_host
 from tests.support.consumer import written_lines
 from tests.support.deliveries import data_path, delivery, entries, message, until
+from tests.support.ledger import written
 from tests.support.output import batch_files, file_lines, output_lines
 
 
@@ -222,7 +224,7 @@ async def test_the_ledger_names_files_relative_to_the_output_root(
 ) -> None:
     log: list[str] = []
     values = entries("m", 2)
-    ledger = Ledger(tmp_path, "h")
+    ledger = Ledger(LedgerLog(tmp_path, "h"))
     sink = FileSink(tmp_path, "h", executor, ledger, compression="gzip")
     sink.prepare()
     d = delivery(message(log, "m", values, message_id="m"), 2)
@@ -237,7 +239,7 @@ async def test_the_ledger_names_files_relative_to_the_output_root(
     assert any(r.get("f") == relative for r in records)
     assert any(r.get("d") == relative for r in records)
     # A restarted process finds the file through its relative name: the entries count.
-    again = Ledger(tmp_path, "h")
+    again = Ledger(LedgerLog(tmp_path, "h"))
     again.open()
     [part] = d.parts
-    assert again.log.written(part.id or "") == [(0, 2)]
+    assert written(again.log, part.id or "") == [(0, 2)]
