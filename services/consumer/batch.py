@@ -112,6 +112,14 @@ class _Fate:
         self.lock = threading.Lock()
         self.state = "open"  # open -> committed | abandoned
 
+    def settle(self, state: str, unless: str) -> bool:
+        """Move to `state` (again, if it is there already); False if it is at `unless`."""
+        with self.lock:
+            if self.state == unless:
+                return False
+            self.state = state
+            return True
+
 
 @dataclass(eq=False, slots=True)
 class Batch:
@@ -138,21 +146,11 @@ class Batch:
 
     def commit(self) -> bool:
         """Called by the writer just before the rename: False if it was abandoned."""
-        fate = self._fate
-        with fate.lock:
-            if fate.state == "abandoned":
-                return False
-            fate.state = "committed"
-            return True
+        return self._fate.settle("committed", unless="abandoned")
 
     def abandon(self) -> bool:
         """Called when its worker timed out: False if the write already committed."""
-        fate = self._fate
-        with fate.lock:
-            if fate.state == "committed":
-                return False
-            fate.state = "abandoned"
-            return True
+        return self._fate.settle("abandoned", unless="committed")
 
     @property
     def abandoned(self) -> bool:

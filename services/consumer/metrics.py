@@ -38,8 +38,8 @@ class ConsumerMetrics:
         )
         self.group_batches = Histogram(
             "adp_consumer_group_commit_batches",
-            "Batch files made durable together by one group commit (one ledger fdatasync "
-            "and one directory fsync for all of them).",
+            "Batch files made durable together by one group commit (one syncfs with "
+            "SYNC_MODE=group, one ledger fdatasync with file; one fsync per directory).",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=registry,
         )

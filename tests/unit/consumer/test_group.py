@@ -121,6 +121,32 @@ async def test_batches_that_come_together_are_made_durable_in_one_group(
     assert all(written(fresh, f"{t}/0") == [(0, 2)] for t in "abcxy")
 
 
+async def test_with_sync_mode_group_a_group_is_one_step_on_one_thread(
+    log_dir: tuple[Path, LedgerLog],
+) -> None:
+    """SYNC_MODE=group: the batches that came while a group was in progress are written,
+    recorded, synced and renamed by one executor task (one hand-off per group, files made
+    one after the other), and only one group is in progress at a time by default."""
+    directory, ledger = log_dir
+    executor = SteppedExecutor()
+    sizes: list[int] = []
+    group = GroupCommit(directory, executor, ledger, on_group=sizes.append)
+    first = group.submit(batch("x"), "x.jsonl")
+    await turn()
+    assert len(executor.tasks) == 1  # the lone batch's group started at once
+    later = [group.submit(batch(t), f"{t}.jsonl") for t in "abcd"]
+    await turn()
+    assert len(executor.tasks) == 1  # they wait for the group in progress
+    assert executor.run() == 1
+    await first
+    await turn()
+    assert len(executor.tasks) == 1  # all four: one task
+    assert executor.run() == 1
+    await asyncio.gather(*later)
+    assert sizes == [1, 4]
+    assert sorted(p.name for p in directory.glob("*.jsonl")) == [f"{t}.jsonl" for t in "abcdx"]
+
+
 @pytest.mark.parametrize("sync", MODES)
 async def test_one_file_failing_fails_only_its_own_batch(
     log_dir: tuple[Path, LedgerLog], sync: SyncMode
