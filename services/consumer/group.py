@@ -192,8 +192,14 @@ class Groups(Generic[J]):
 
     async def _run(self, jobs: list[J]) -> None:
         self._on_group(len(jobs))
+        cancelled = False
         try:
             outcomes = await self._step(jobs)
+        except asyncio.CancelledError:
+            # The executor dropped the step before it ran (shut down), or this task was
+            # cancelled: no job may be left waiting, and none is acked.
+            cancelled = True
+            outcomes = [Abandoned("the group commit was cancelled")] * len(jobs)
         except Exception as exc:
             log.exception("group commit failed")
             outcomes = [exc] * len(jobs)
@@ -202,6 +208,8 @@ class Groups(Generic[J]):
             self._start()
         for job, outcome in zip(jobs, outcomes, strict=True):
             self._after(job, outcome)
+        if cancelled and (task := asyncio.current_task()) is not None and task.cancelling():
+            raise asyncio.CancelledError
 
 
 class GroupCommit:

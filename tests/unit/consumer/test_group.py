@@ -147,6 +147,23 @@ async def test_with_sync_mode_group_a_group_is_one_step_on_one_thread(
     assert sorted(p.name for p in directory.glob("*.jsonl")) == [f"{t}.jsonl" for t in "abcdx"]
 
 
+async def test_a_group_the_executor_drops_is_abandoned_not_left_waiting(
+    log_dir: tuple[Path, LedgerLog],
+) -> None:
+    """The executor is shut down (cancel_futures) before the group's step ran: the batch
+    fails as abandoned (nothing acked, the broker redelivers) instead of waiting forever."""
+    directory, ledger = log_dir
+    executor = SteppedExecutor()
+    group = GroupCommit(directory, executor, ledger)
+    done = group.submit(batch("a"), "a.jsonl")
+    await turn()
+    future, _, _ = executor.tasks.pop()
+    future.cancel()
+    with pytest.raises(Abandoned):
+        await asyncio.wait_for(done, 5)
+    assert not list(directory.glob("*.jsonl"))
+
+
 @pytest.mark.parametrize("sync", MODES)
 async def test_one_file_failing_fails_only_its_own_batch(
     log_dir: tuple[Path, LedgerLog], sync: SyncMode
