@@ -18,7 +18,7 @@ install: $(STAMP)
 broker:
 	scripts/ensure-rabbitmq.sh
 
-## tools: the command-line tools the tests run (gzip, zstd: Debian packages, installed if missing)
+## tools: the command-line tools the tests run (gzip, zstd, promtool: Debian packages, installed if missing)
 tools:
 	scripts/ensure-tools.sh
 

@@ -28,11 +28,12 @@ confirmations (of the files whose directories all synced; the others stay unconf
 a later sync succeeds) and abort lines for the dropped ones, in one append. The ledger
 names files by their path relative to the output root.
 
-A group starts at once while fewer than `max_groups` groups of its kind are in progress,
-so a lone batch at low load waits for nobody; under load, the batches that came meanwhile
-form the next group. The groups in progress share their syncs (`SharedSync`): a
-syncfs or directory fsync that starts after a group asked for it serves every group that
-asked meanwhile, so the disk sees about one flush per step however many groups wait.
+A group starts at once while fewer than `max_groups` groups of its kind are in progress
+(one with SYNC_MODE=group: GROUP_COMMITS), so a lone batch at low load waits at most for
+the group in progress; under load, the batches that came meanwhile form the next group.
+Groups in progress at once share their syncs (`SharedSync`): a syncfs or directory fsync
+that starts after a group asked for it serves every group that asked meanwhile, so the
+disk sees about one flush per step however many groups wait.
 
 Only after its renames does a batch's future resolve (or fail with OSError /
 `Abandoned`, for that batch alone), and its deliveries can be acked. A kill at any point
