@@ -31,6 +31,8 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,6 +174,13 @@ def drain(prefix: str, entries: int, case: Case, out: Path) -> float:
         "LOG_LEVEL": "WARNING",
         "HISTORY_LOG_INTERVAL_SECONDS": "0",
     }
+    with consumer(env) as proc:
+        return drain_rate(proc, port, entries)
+
+
+@contextmanager
+def consumer(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """`async-data-processor message-consumer` with `env`, terminated on exit."""
     script = Path(sys.executable).parent / "async-data-processor"
     proc = subprocess.Popen(
         [str(script), "message-consumer"],
@@ -180,19 +189,24 @@ def drain(prefix: str, entries: int, case: Case, out: Path) -> float:
         stderr=subprocess.DEVNULL,
     )
     try:
-        while _get(port, "/readyz") is None:
-            if proc.poll() is not None:
-                raise SystemExit("the consumer exited")
-            time.sleep(0.005)
-        started = time.monotonic()
-        while processed(port) < entries:
-            if proc.poll() is not None:
-                raise SystemExit("the consumer exited")
-            time.sleep(0.02)
-        return entries / (time.monotonic() - started)
+        yield proc
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def drain_rate(proc: subprocess.Popen[bytes], port: int, entries: int) -> float:
+    """Entries/s of the consumer at `port` from ready until it has processed `entries`."""
+    while _get(port, "/readyz") is None:
+        if proc.poll() is not None:
+            raise SystemExit("the consumer exited")
+        time.sleep(0.005)
+    started = time.monotonic()
+    while processed(port) < entries:
+        if proc.poll() is not None:
+            raise SystemExit("the consumer exited")
+        time.sleep(0.02)
+    return entries / (time.monotonic() - started)
 
 
 def drain_bare(prefix: str, messages: int, entries: int, batch_size: int) -> float:

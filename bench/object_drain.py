@@ -21,10 +21,8 @@ import asyncio
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +31,12 @@ from bench.layout_drain import (
     RABBITMQ_URL,
     SHARDS,
     _get,
+    consumer,
     delete,
     drain_bare,
+    drain_rate,
     event_bodies,
     fill,
-    processed,
     spread,
 )
 from tests.support.net import free_port
@@ -83,26 +82,9 @@ def drain(prefix: str, entries: int, batch_size: int, extra: dict[str, str]) -> 
         "HISTORY_LOG_INTERVAL_SECONDS": "0",
         **extra,
     }
-    script = Path(sys.executable).parent / "async-data-processor"
-    proc = subprocess.Popen(
-        [str(script), "message-consumer"], env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        while _get(port, "/readyz") is None:
-            if proc.poll() is not None:
-                raise SystemExit("the consumer exited")
-            time.sleep(0.005)
-        started = time.monotonic()
-        while processed(port) < entries:
-            if proc.poll() is not None:
-                raise SystemExit("the consumer exited")
-            time.sleep(0.02)
-        rate = entries / (time.monotonic() - started)
+    with consumer(env) as proc:
+        rate = drain_rate(proc, port, entries)
         return rate, p99(_get(port, "/metrics") or "")
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def main() -> None:
