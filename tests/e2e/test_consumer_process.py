@@ -18,38 +18,17 @@ from services.common.topology import Topology
 from tests.support.consumer import written_lines
 from tests.support.net import free_port
 from tests.support.polling import eventually
-from tests.support.process import ServiceProcess
-from tests.support.publish import entries, publish
-from tests.support.queues import depth
+from tests.support.process import (
+    E2E_BATCHES,
+    ServiceProcess,
+    consumer_env,
+    kill_9_rounds,
+    until_drained,
+)
+from tests.support.publish import entries, feed, publish
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq]
-
-
-def consumer_env(topo: Topology, out: Path, port: int, rabbitmq_url: str) -> dict[str, str]:
-    return {
-        "RABBITMQ_URL": rabbitmq_url,
-        "QUEUE_PREFIX": topo.prefix,
-        "SHARDS_COUNT": str(topo.shards_count),
-        "DATA_OUTPUT_DIR": str(out),
-        "METRICS_PORT": str(port),
-        "METRICS_HOST": "127.0.0.1",
-        "BATCH_SIZE": "5",
-        "BATCH_MAX_WAIT_SECONDS": "0.3",
-        "SHUTDOWN_TIMEOUT_SECONDS": "10",
-        "HOST_NAME": "e2e",
-    }
-
-
-async def feed(amqp: AbstractConnection, topo: Topology, total: int, tag: str) -> None:
-    """Publish `total` entries in small steps, as a steady stream."""
-    for start in range(0, total, 200):
-        await publish(amqp, topo, entries(200, tag, start), per_message=2)
-        await asyncio.sleep(0.05)
-
-
-async def drained(amqp: AbstractConnection, topo: Topology) -> bool:
-    return all([await depth(amqp, name) == 0 for name in topo.queue_names])
 
 
 async def test_sigterm_mid_stream_drains_within_the_bound_and_loses_nothing(
@@ -58,7 +37,7 @@ async def test_sigterm_mid_stream_drains_within_the_bound_and_loses_nothing(
     topo = topology()
     out = tmp_path / "out"
     port = free_port()
-    env = consumer_env(topo, out, port, rabbitmq_url)
+    env = consumer_env(topo, out, port, rabbitmq_url, **E2E_BATCHES)
     total = 4000
     with ServiceProcess("message-consumer", env, tmp_path / "c1.log") as proc:
         await proc.wait_ready(f"http://127.0.0.1:{port}")
@@ -78,10 +57,7 @@ async def test_sigterm_mid_stream_drains_within_the_bound_and_loses_nothing(
     assert max(first_run.values()) == 1
 
     with ServiceProcess("message-consumer", env, tmp_path / "c2.log") as proc:
-        await proc.wait_ready(f"http://127.0.0.1:{port}")
-        await eventually(lambda: _at_least(out, total), timeout=30, what="all entries")
-        await eventually(lambda: drained(amqp, topo), timeout=10, what="queues drained")
-        proc.signal(signal.SIGTERM)
+        await until_drained(proc, port, amqp, topo, lambda: len(written_lines(out)), total, 30)
         assert await asyncio.to_thread(proc.wait, 15) == 0
     written = Counter(e["value"] for e in written_lines(out))
     assert set(written) == {e["value"] for e in entries(total, "term")}
@@ -94,26 +70,13 @@ async def test_kill_9_mid_stream_then_restart_loses_no_entry(
     topo = topology()
     out = tmp_path / "out"
     port = free_port()
-    env = consumer_env(topo, out, port, rabbitmq_url)
+    env = consumer_env(topo, out, port, rabbitmq_url, **E2E_BATCHES)
     total = 4000
     feeding = asyncio.create_task(feed(amqp, topo, total, "kill"))
-    for round_ in range(2):
-        with ServiceProcess("message-consumer", env, tmp_path / f"k{round_}.log") as proc:
-            await proc.wait_ready(f"http://127.0.0.1:{port}")
-            target = len(written_lines(out)) + 300
-
-            async def progressed(target: int = target) -> bool:
-                return await _at_least(out, target)
-
-            await eventually(progressed, timeout=20, what="progress")
-            proc.signal(signal.SIGKILL)
-            proc.wait(10)
+    await kill_9_rounds(env, port, tmp_path, lambda: len(written_lines(out)), timeout=20)
     await feeding
     with ServiceProcess("message-consumer", env, tmp_path / "final.log") as proc:
-        await proc.wait_ready(f"http://127.0.0.1:{port}")
-        await eventually(lambda: _at_least(out, total), timeout=30, what="all entries")
-        await eventually(lambda: drained(amqp, topo), timeout=10, what="queues drained")
-        proc.signal(signal.SIGTERM)
+        await until_drained(proc, port, amqp, topo, lambda: len(written_lines(out)), total, 30)
         assert await asyncio.to_thread(proc.wait, 15) == 0
     written = Counter(e["value"] for e in written_lines(out))
     assert set(written) == {e["value"] for e in entries(total, "kill")}  # none lost
@@ -131,7 +94,7 @@ async def test_dev_runs_api_and_consumer_in_one_process(
     out = tmp_path / "out"
     api_port, metrics_port = free_port(), free_port()
     env = {
-        **consumer_env(topo, out, metrics_port, rabbitmq_url),
+        **consumer_env(topo, out, metrics_port, rabbitmq_url, **E2E_BATCHES),
         "PORT": str(api_port),
         "HOST": "127.0.0.1",
     }
@@ -158,7 +121,7 @@ async def test_a_second_signal_exits_at_once(
     topo = topology()
     out = tmp_path / "out"
     port = free_port()
-    env = consumer_env(topo, out, port, rabbitmq_url)
+    env = consumer_env(topo, out, port, rabbitmq_url, **E2E_BATCHES)
     via = {**env, "RABBITMQ_URL": proxy.url}
     await publish(amqp, topo, entries(2000, "twice"), per_message=1)
     try:

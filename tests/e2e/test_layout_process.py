@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 from collections import Counter
 from collections.abc import Callable
@@ -16,7 +15,6 @@ import pytest
 from aio_pika.abc import AbstractConnection
 
 from services.common.topology import Topology
-from tests.e2e.test_consumer_process import consumer_env, drained
 from tests.support.net import free_port
 from tests.support.output import (
     HIVE,
@@ -27,9 +25,15 @@ from tests.support.output import (
     spread_entries,
     tool_check,
 )
-from tests.support.polling import eventually
-from tests.support.process import ServiceProcess, console_script
-from tests.support.publish import publish
+from tests.support.process import (
+    E2E_BATCHES,
+    ServiceProcess,
+    console_script,
+    consumer_env,
+    kill_9_rounds,
+    until_drained,
+)
+from tests.support.publish import feed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq]
 
@@ -60,12 +64,6 @@ def test_a_bad_template_is_refused_at_start_up_with_status_2(template: str, tmp_
     assert not (tmp_path / "out").exists()  # refused before touching anything
 
 
-async def feed(amqp: AbstractConnection, topo: Topology, total: int, tag: str) -> None:
-    for start in range(0, total, 200):
-        await publish(amqp, topo, spread_entries(200, tag, start), per_message=2)
-        await asyncio.sleep(0.05)
-
-
 async def test_kill_9_with_a_template_and_zstd_loses_nothing_and_duplicates_nothing(
     topology: Callable[..., Topology], amqp: AbstractConnection, tmp_path: Path, rabbitmq_url: str
 ) -> None:
@@ -73,34 +71,17 @@ async def test_kill_9_with_a_template_and_zstd_loses_nothing_and_duplicates_noth
     out = tmp_path / "out"
     port = free_port()
     env = {
-        **consumer_env(topo, out, port, rabbitmq_url),
+        **consumer_env(topo, out, port, rabbitmq_url, **E2E_BATCHES),
         "OUTPUT_PATH_TEMPLATE": HIVE,
         "OUTPUT_COMPRESSION": "zstd",
         "EXACTLY_ONCE": "true",
     }
     total = 4000
-    feeding = asyncio.create_task(feed(amqp, topo, total, "zkill"))
-    for round_ in range(2):
-        with ServiceProcess("message-consumer", env, tmp_path / f"k{round_}.log") as proc:
-            await proc.wait_ready(f"http://127.0.0.1:{port}")
-            target = len(output_lines(out)) + 300
-
-            async def progressed(target: int = target) -> bool:
-                return len(output_lines(out)) >= target
-
-            await eventually(progressed, timeout=20, what="progress")
-            proc.signal(signal.SIGKILL)
-            proc.wait(10)
+    feeding = asyncio.create_task(feed(amqp, topo, total, "zkill", spread_entries))
+    await kill_9_rounds(env, port, tmp_path, lambda: len(output_lines(out)), timeout=20)
     await feeding
     with ServiceProcess("message-consumer", env, tmp_path / "final.log") as proc:
-        await proc.wait_ready(f"http://127.0.0.1:{port}")
-
-        async def everything() -> bool:
-            return len(output_lines(out)) >= total
-
-        await eventually(everything, timeout=40, what="all entries")
-        await eventually(lambda: drained(amqp, topo), timeout=10, what="queues drained")
-        proc.signal(signal.SIGTERM)
+        await until_drained(proc, port, amqp, topo, lambda: len(output_lines(out)), total, 40)
         assert await asyncio.to_thread(proc.wait, 15) == 0, proc.log
     sent = spread_entries(total, "zkill")
     written = Counter(e["value"] for e in output_lines(out))

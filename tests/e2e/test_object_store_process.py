@@ -17,13 +17,18 @@ import pytest
 from aio_pika.abc import AbstractConnection
 
 from services.common.topology import Topology
-from tests.e2e.test_consumer_process import consumer_env, drained
 from tests.support.net import free_port
 from tests.support.output import HIVE, spread_entries
 from tests.support.polling import eventually
-from tests.support.process import ServiceProcess
-from tests.support.publish import publish
-from tests.support.queues import queue_counts
+from tests.support.process import (
+    E2E_BATCHES,
+    ServiceProcess,
+    consumer_env,
+    kill_9_rounds,
+    until_drained,
+)
+from tests.support.publish import feed
+from tests.support.queues import drained, queue_counts
 from tests.support.seaweed import CREDENTIALS, SeaweedServer, all_entries
 
 pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq]
@@ -33,7 +38,7 @@ def object_env(
     topo: Topology, tmp_path: Path, port: int, rabbitmq_url: str, url: str, endpoint: str
 ) -> dict[str, str]:
     return {
-        **consumer_env(topo, tmp_path / "no-volume", port, rabbitmq_url),
+        **consumer_env(topo, tmp_path / "no-volume", port, rabbitmq_url, **E2E_BATCHES),
         **CREDENTIALS,
         "OUTPUT_URL": url,
         "S3_ENDPOINT_URL": endpoint,
@@ -41,12 +46,6 @@ def object_env(
         "OUTPUT_COMPRESSION": "zstd",
         "EXACTLY_ONCE": "true",
     }
-
-
-async def feed(amqp: AbstractConnection, topo: Topology, total: int, tag: str) -> None:
-    for start in range(0, total, 200):
-        await publish(amqp, topo, spread_entries(200, tag, start), per_message=2)
-        await asyncio.sleep(0.05)
 
 
 async def count(seaweed: SeaweedServer, url: str) -> int:
@@ -73,28 +72,11 @@ async def test_kill_9_mid_stream_loses_nothing_and_duplicates_nothing_without_a_
     url = f"s3://{bucket}/kill"
     env = object_env(topo, tmp_path, port, rabbitmq_url, url, seaweed.endpoint)
     total = 4000
-    feeding = asyncio.create_task(feed(amqp, topo, total, "s3kill"))
-    for round_ in range(2):
-        with ServiceProcess("message-consumer", env, tmp_path / f"k{round_}.log") as proc:
-            await proc.wait_ready(f"http://127.0.0.1:{port}")
-            target = await count(seaweed, url) + 300
-
-            async def progressed(target: int = target) -> bool:
-                return await count(seaweed, url) >= target
-
-            await eventually(progressed, timeout=30, what="progress")
-            proc.signal(signal.SIGKILL)
-            proc.wait(10)
+    feeding = asyncio.create_task(feed(amqp, topo, total, "s3kill", spread_entries))
+    await kill_9_rounds(env, port, tmp_path, lambda: count(seaweed, url), timeout=30)
     await feeding
     with ServiceProcess("message-consumer", env, tmp_path / "final.log") as proc:
-        await proc.wait_ready(f"http://127.0.0.1:{port}")
-
-        async def everything() -> bool:
-            return await count(seaweed, url) >= total
-
-        await eventually(everything, timeout=60, what="all entries")
-        await eventually(lambda: drained(amqp, topo), timeout=10, what="queues drained")
-        proc.signal(signal.SIGTERM)
+        await until_drained(proc, port, amqp, topo, lambda: count(seaweed, url), total, 60)
         assert await asyncio.to_thread(proc.wait, 15) == 0, proc.log
     assert_once(seaweed, url, total, "s3kill")
     assert not (tmp_path / "no-volume").exists()  # nothing written locally
@@ -116,7 +98,7 @@ async def test_two_replicas_sharing_the_bucket_one_killed_write_every_entry_once
         for i, p in enumerate(ports)
     ]
     total = 4000
-    feeding = asyncio.create_task(feed(amqp, topo, total, "s3pair"))
+    feeding = asyncio.create_task(feed(amqp, topo, total, "s3pair", spread_entries))
     with (
         ServiceProcess("message-consumer", envs[0], tmp_path / "r0.log") as first,
         ServiceProcess("message-consumer", envs[1], tmp_path / "r1.log") as second,
@@ -166,7 +148,7 @@ async def test_the_store_killed_and_restarted_under_load_loses_nothing(
         with ServiceProcess("message-consumer", env, tmp_path / "c.log") as proc:
             base = f"http://127.0.0.1:{port}"
             await proc.wait_ready(base)
-            feeding = asyncio.create_task(feed(amqp, topo, total, "s3down"))
+            feeding = asyncio.create_task(feed(amqp, topo, total, "s3down", spread_entries))
 
             async def started() -> bool:
                 return await count(store, url) >= 300

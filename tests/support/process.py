@@ -7,12 +7,53 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
+from inspect import isawaitable
 from pathlib import Path
 from types import TracebackType
 
 import httpx
+from aio_pika.abc import AbstractConnection
 
+from services.common.topology import Topology
 from tests.support.polling import eventually
+from tests.support.queues import drained
+
+# Small batches, a short wait for a partial one and a drain bound the e2e timings assume.
+E2E_BATCHES = {
+    "BATCH_SIZE": "5",
+    "BATCH_MAX_WAIT_SECONDS": "0.3",
+    "SHUTDOWN_TIMEOUT_SECONDS": "10",
+    "HOST_NAME": "e2e",
+}
+
+
+def broker_env(topo: Topology, rabbitmq_url: str) -> dict[str, str]:
+    """What the API and the consumer both need: the broker and the topology."""
+    return {
+        "RABBITMQ_URL": rabbitmq_url,
+        "QUEUE_PREFIX": topo.prefix,
+        "SHARDS_COUNT": str(topo.shards_count),
+    }
+
+
+def api_env(topo: Topology, port: int, rabbitmq_url: str) -> dict[str, str]:
+    """`server` on loopback at `port`."""
+    return {**broker_env(topo, rabbitmq_url), "PORT": str(port), "HOST": "127.0.0.1"}
+
+
+def consumer_env(
+    topo: Topology, out: Path, port: int, rabbitmq_url: str, **settings: str
+) -> dict[str, str]:
+    """`message-consumer` writing under `out`, metrics on loopback at `port`; `settings`
+    are more variables (e.g. `**E2E_BATCHES`)."""
+    return {
+        **broker_env(topo, rabbitmq_url),
+        "DATA_OUTPUT_DIR": str(out),
+        "METRICS_PORT": str(port),
+        "METRICS_HOST": "127.0.0.1",
+        **settings,
+    }
 
 
 def console_script() -> str:
@@ -71,3 +112,50 @@ class ServiceProcess:
                 return (await client.get(f"{base_url}/readyz")).status_code == 200
 
         await eventually(probe, timeout=timeout, interval=0.1, what=f"{self.command} ready")
+
+
+Count = Callable[[], int | Awaitable[int]]
+
+
+async def _counted(count: Count) -> int:
+    found = count()
+    return await found if isawaitable(found) else found
+
+
+async def kill_9_rounds(
+    env: dict[str, str], port: int, logs: Path, count: Count, timeout: float, rounds: int = 2
+) -> None:
+    """`rounds` consumers in turn, each killed -9 once `count()` (entries written) has
+    grown by 300 since it started; logs `k<round>.log` under `logs`."""
+    for round_ in range(rounds):
+        with ServiceProcess("message-consumer", env, logs / f"k{round_}.log") as proc:
+            await proc.wait_ready(f"http://127.0.0.1:{port}")
+            target = await _counted(count) + 300
+
+            async def progressed(target: int = target) -> bool:
+                return await _counted(count) >= target
+
+            await eventually(progressed, timeout=timeout, what="progress")
+            proc.signal(signal.SIGKILL)
+            proc.wait(10)
+
+
+async def until_drained(
+    proc: ServiceProcess,
+    port: int,
+    amqp: AbstractConnection,
+    topo: Topology,
+    count: Count,
+    total: int,
+    timeout: float,
+) -> None:
+    """Once ready, wait for `total` entries written (`count()`) and the queues empty,
+    then SIGTERM the consumer (the test checks how it exits)."""
+    await proc.wait_ready(f"http://127.0.0.1:{port}")
+
+    async def everything() -> bool:
+        return await _counted(count) >= total
+
+    await eventually(everything, timeout=timeout, what="all entries")
+    await eventually(lambda: drained(amqp, topo), timeout=10, what="queues drained")
+    proc.signal(signal.SIGTERM)

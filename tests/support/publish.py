@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -61,3 +62,17 @@ async def publish(
                 )
         for i in range(0, len(sends), 500):  # confirms awaited 500 at a time
             await asyncio.gather(*sends[i : i + 500])
+
+
+async def feed(
+    connection: AbstractConnection,
+    topo: Topology,
+    total: int,
+    tag: str,
+    make: Callable[[int, str, int], list[dict[str, Any]]] = entries,
+) -> None:
+    """Publish `total` entries (`make(n, tag, start)`) in small steps, as a steady stream."""
+    for start in range(0, total, 200):
+        await publish(connection, topo, make(200, tag, start), per_message=2)
+        await asyncio.sleep(0.05)
+

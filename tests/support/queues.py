@@ -38,6 +38,11 @@ async def depth(connection: AbstractConnection, queue: str) -> int:
         return q.declaration_result.message_count or 0
 
 
+async def drained(connection: AbstractConnection, topo: Topology) -> bool:
+    """No ready message in any of the topology's queues."""
+    return all([await depth(connection, name) == 0 for name in topo.queue_names])
+
+
 async def queue_counts() -> dict[str, tuple[int, int]]:
     """Every queue's (ready, unacked) messages, from rabbitmqctl: the AMQP API cannot tell
     unacked ones, and this needs no connection of the test's own (which a test may lose)."""
