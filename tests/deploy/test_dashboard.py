@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractConnection
 from services.common.topology import Topology
 from tests.support.net import free_port
 from tests.support.polling import eventually
-from tests.support.process import ServiceProcess
+from tests.support.process import ServiceProcess, api_env, consumer_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "async-data-processor.json"
@@ -166,31 +166,26 @@ async def test_every_dashboard_query_runs_on_prometheus_scraping_the_services(
 ) -> None:
     topo = topology()
     api_port, consumer_port = free_port(), free_port()
-    common = {
-        "RABBITMQ_URL": rabbitmq_url,
-        "QUEUE_PREFIX": topo.prefix,
-        "SHARDS_COUNT": str(topo.shards_count),
-    }
-    api_env = {**common, "PORT": str(api_port), "HOST": "127.0.0.1"}
-    consumer_env = {
-        **common,
-        "DATA_OUTPUT_DIR": str(tmp_path / "out"),
-        "METRICS_PORT": str(consumer_port),
-        "METRICS_HOST": "127.0.0.1",
-        "HOST_NAME": "dashboard",
-        "BATCH_MAX_WAIT_SECONDS": "0.2",
+    server_env = api_env(topo, api_port, rabbitmq_url)
+    cons_env = consumer_env(
+        topo,
+        tmp_path / "out",
+        consumer_port,
+        rabbitmq_url,
+        HOST_NAME="dashboard",
+        BATCH_MAX_WAIT_SECONDS="0.2",
         # The backlog left before the consumer starts grows every pool to WORKERS_MAX (4)
         # within its first readings; the cool-down keeps it there for several scrapes.
-        "PREFETCH_COUNT": "10",
-        "SCALE_INTERVAL_SECONDS": "0.2",
-        "SCALE_UP_BACKLOG": "20",
-        "SCALE_DOWN_COOLDOWN_SECONDS": "3",
-        "SHUTDOWN_TIMEOUT_SECONDS": "10",
-    }
+        PREFETCH_COUNT="10",
+        SCALE_INTERVAL_SECONDS="0.2",
+        SCALE_UP_BACKLOG="20",
+        SCALE_DOWN_COOLDOWN_SECONDS="3",
+        SHUTDOWN_TIMEOUT_SECONDS="10",
+    )
     api_url = f"http://127.0.0.1:{api_port}"
     counts = {"accepted": 0}
     with (
-        ServiceProcess("server", api_env, tmp_path / "server.log") as api,
+        ServiceProcess("server", server_env, tmp_path / "server.log") as api,
         prometheus(tmp_path, api_port, consumer_port) as prom_url,
     ):
         await api.wait_ready(api_url)
@@ -200,7 +195,7 @@ async def test_every_dashboard_query_runs_on_prometheus_scraping_the_services(
             await channel.default_exchange.publish(
                 aio_pika.Message(b"not json"), routing_key=topo.queue_name(0)
             )
-        with ServiceProcess("message-consumer", consumer_env, tmp_path / "consumer.log") as cons:
+        with ServiceProcess("message-consumer", cons_env, tmp_path / "consumer.log") as cons:
             await cons.wait_ready(f"http://127.0.0.1:{consumer_port}")
             await traffic(api_url, 3, counts)
             async with httpx.AsyncClient(base_url=prom_url, timeout=10) as prom:

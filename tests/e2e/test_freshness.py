@@ -20,7 +20,7 @@ from tests.support.faults import fill, tmpfs_volume
 from tests.support.freshness import Latency, read, total
 from tests.support.net import free_port
 from tests.support.polling import eventually
-from tests.support.process import ServiceProcess
+from tests.support.process import ServiceProcess, api_env, consumer_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq, pytest.mark.timeout(240)]
 
@@ -58,29 +58,24 @@ async def test_freshness_after_traffic_and_while_a_write_is_stalled(
 ) -> None:
     topo = topology()
     api_port, consumer_port = free_port(), free_port()
-    common = {
-        "RABBITMQ_URL": rabbitmq_url,
-        "QUEUE_PREFIX": topo.prefix,
-        "SHARDS_COUNT": str(topo.shards_count),
-    }
-    api_env = {**common, "PORT": str(api_port), "HOST": "127.0.0.1"}
-    consumer_env = {
-        **common,
-        "DATA_OUTPUT_DIR": str(volume / "out"),
-        "METRICS_PORT": str(consumer_port),
-        "METRICS_HOST": "127.0.0.1",
-        "HOST_NAME": "freshness",
-        "BATCH_SIZE": "20",
-        "BATCH_MAX_WAIT_SECONDS": "0.2",
-        "SHUTDOWN_TIMEOUT_SECONDS": "10",
+    server_env = api_env(topo, api_port, rabbitmq_url)
+    cons_env = consumer_env(
+        topo,
+        volume / "out",
+        consumer_port,
+        rabbitmq_url,
+        HOST_NAME="freshness",
+        BATCH_SIZE="20",
+        BATCH_MAX_WAIT_SECONDS="0.2",
+        SHUTDOWN_TIMEOUT_SECONDS="10",
         # Without the ledger nothing in the volume is ever deleted by the consumer, so once
         # full it stays full until the test frees it (freshness does not depend on it).
-        "EXACTLY_ONCE": "false",
-    }
+        EXACTLY_ONCE="false",
+    )
     api_url, consumer_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{consumer_port}"
     with (
-        ServiceProcess("server", api_env, tmp_path / "server.log") as api_process,
-        ServiceProcess("message-consumer", consumer_env, tmp_path / "consumer.log") as cons,
+        ServiceProcess("server", server_env, tmp_path / "server.log") as api_process,
+        ServiceProcess("message-consumer", cons_env, tmp_path / "consumer.log") as cons,
     ):
         await api_process.wait_ready(api_url)
         await cons.wait_ready(consumer_url)

@@ -15,7 +15,7 @@ from aio_pika.abc import AbstractConnection
 from services.common.topology import Topology
 from tests.support.net import free_port
 from tests.support.polling import eventually
-from tests.support.process import ServiceProcess
+from tests.support.process import ServiceProcess, api_env
 from tests.support.queues import drain_entries
 from tests.support.tcp_proxy import TcpProxy
 
@@ -23,14 +23,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq]
 
 
 def server(topo: Topology, port: int, tmp_path: Path, rabbitmq_url: str) -> ServiceProcess:
-    env = {
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
-        "RABBITMQ_URL": rabbitmq_url,
-        "QUEUE_PREFIX": topo.prefix,
-        "SHARDS_COUNT": str(topo.shards_count),
-        "SHUTDOWN_TIMEOUT_SECONDS": "10",
-    }
+    env = {**api_env(topo, port, rabbitmq_url), "SHUTDOWN_TIMEOUT_SECONDS": "10"}
     return ServiceProcess("server", env, tmp_path / "server.log")
 
 
