@@ -14,6 +14,7 @@ from aio_pika.abc import AbstractConnection
 from services.common.schema import Entry
 from services.common.sharding import group_by_shard
 from services.common.topology import Topology
+from services.common.wire import PARTS_HEADER
 
 
 def shard_of(timestamp: str, shards_count: int) -> int:
@@ -76,3 +77,16 @@ async def feed(
         await publish(connection, topo, make(200, tag, start), per_message=2)
         await asyncio.sleep(0.05)
 
+
+async def publish_parts(
+    connection: AbstractConnection, topo: Topology, bodies: list[tuple[bytes, str]]
+) -> None:
+    """Publish each (body, parts spec) to shard 0's queue with the API's parts header, as
+    the API does for the parts of a request."""
+    async with connection.channel(publisher_confirms=True) as channel:
+        await topo.declare(channel)
+        for body, spec in bodies:
+            await channel.default_exchange.publish(
+                aio_pika.Message(body, message_id=uuid.uuid4().hex, headers={PARTS_HEADER: spec}),
+                routing_key=topo.queue_name(0),
+            )

@@ -11,17 +11,15 @@ moment (the e2e fault suite does it with real kills)."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
 
 from services.common.topology import Topology
-from services.common.wire import PARTS_HEADER, key_id, part_spec, request_key
+from services.common.wire import key_id, part_spec, request_key
 from services.consumer.batch import Batch
 from services.consumer.sink import Sink
 from tests.integration.consumer.conftest import Settings
@@ -33,7 +31,7 @@ from tests.support.consumer import (
     written_lines,
 )
 from tests.support.polling import eventually
-from tests.support.publish import entries, publish
+from tests.support.publish import entries, publish, publish_parts
 from tests.support.queues import depth
 from tests.support.tcp_proxy import TcpProxy
 
@@ -151,13 +149,7 @@ async def test_a_clients_retry_with_the_same_idempotency_key_is_written_once(
             part_spec(3, changed_id),
         ),
     ]
-    async with amqp.channel(publisher_confirms=True) as channel:
-        await topo.declare(channel)
-        for body, spec in bodies:
-            await channel.default_exchange.publish(
-                aio_pika.Message(body, message_id=uuid.uuid4().hex, headers={PARTS_HEADER: spec}),
-                routing_key=topo.queue_name(0),
-            )
+    await publish_parts(amqp, topo, bodies)
     config = settings(topo, batch_size=5, data_output_dir=out)
     async with run_consumer(config) as consumer:
         await lines_reach(out, 8)

@@ -8,24 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import aio_pika
 import pytest
 from aio_pika.abc import AbstractConnection
 
 from services.common.topology import Topology
-from services.common.wire import PARTS_HEADER, key_id, part_spec, request_key
+from services.common.wire import key_id, part_spec, request_key
 from services.consumer.encoding import SUFFIXES
 from services.consumer.object_store import BucketMissing
 from tests.integration.consumer.conftest import Settings
 from tests.support.consumer import run_consumer
 from tests.support.output import HIVE, hive_directory, spread_entries
 from tests.support.polling import eventually
-from tests.support.publish import entries, publish
+from tests.support.publish import entries, publish, publish_parts
 from tests.support.queues import queue_counts
 from tests.support.seaweed import CREDENTIALS, SeaweedServer, all_entries, object_entries
 
@@ -97,16 +95,6 @@ def keyed_bodies() -> tuple[list[tuple[bytes, str]], list[dict[str, str]]]:
     return bodies, first + other
 
 
-async def send(amqp: AbstractConnection, topo: Topology, bodies: list[tuple[bytes, str]]) -> None:
-    async with amqp.channel(publisher_confirms=True) as channel:
-        await topo.declare(channel)
-        for body, spec in bodies:
-            await channel.default_exchange.publish(
-                aio_pika.Message(body, message_id=uuid.uuid4().hex, headers={PARTS_HEADER: spec}),
-                routing_key=topo.queue_name(0),
-            )
-
-
 @pytest.mark.parametrize("after", ["same-process", "other-replica"])
 async def test_a_clients_keyed_retry_is_written_once_with_the_ledger_in_the_bucket(
     settings: Settings,
@@ -121,17 +109,17 @@ async def test_a_clients_keyed_retry_is_written_once_with_the_ledger_in_the_buck
     bodies, expected = keyed_bodies()
     first_config = settings(topo, batch_size=5, output_url=url, s3_endpoint_url=seaweed.endpoint)
     if after == "same-process":
-        await send(amqp, topo, bodies)
+        await publish_parts(amqp, topo, bodies)
         async with run_consumer(first_config):
             await objects_reach(seaweed, url, len(expected))
             await eventually(lambda: acked(topo), timeout=15, what="queue settled")
     else:
-        await send(amqp, topo, bodies[:1])
+        await publish_parts(amqp, topo, bodies[:1])
         async with run_consumer(first_config):
             await objects_reach(seaweed, url, 3)
             await eventually(lambda: acked(topo), timeout=15, what="first attempt acked")
         # Another replica (another host name, no volume shared: only the bucket) gets the retry.
-        await send(amqp, topo, bodies[1:])
+        await publish_parts(amqp, topo, bodies[1:])
         replica = settings(
             topo, batch_size=5, output_url=url, s3_endpoint_url=seaweed.endpoint,
             host_name="replica2",
