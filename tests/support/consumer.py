@@ -109,12 +109,19 @@ class SlowSink(WrappedSink):
         return await self.inner.write(batch, worker)
 
 
-async def lines_reach(directory: Path, count: int, timeout: float = 20) -> list[dict[str, Any]]:
+Reader = Callable[[Path], list[dict[str, Any]]]
+
+
+async def lines_reach(
+    directory: Path, count: int, timeout: float = 20, read: Reader = written_lines
+) -> list[dict[str, Any]]:
+    """`read(directory)` once it holds `count` entries or more (within `timeout` s)."""
+
     async def probe() -> list[dict[str, Any]] | None:
-        found = written_lines(directory)
+        found = read(directory)
         return found if len(found) >= count else None
 
-    result = await eventually(probe, timeout=timeout, what=f"{count} lines written")
+    result = await eventually(probe, timeout=timeout, what=f"{count} lines under {directory}")
     assert result is not None
     return result
 

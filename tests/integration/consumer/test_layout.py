@@ -18,7 +18,7 @@ from services.common.topology import Topology
 from services.consumer.batch import MAX_OPEN_BATCHES
 from services.consumer.encoding import SUFFIXES, Compression, json_lines
 from tests.integration.consumer.conftest import Settings
-from tests.support.consumer import run_consumer
+from tests.support.consumer import lines_reach, run_consumer
 from tests.support.output import (
     HIVE,
     batch_files,
@@ -37,13 +37,8 @@ pytestmark = pytest.mark.rabbitmq
 
 
 async def all_written(root: Path, count: int, timeout: float = 30) -> list[dict[str, Any]]:
-    async def probe() -> list[dict[str, Any]] | None:
-        found = output_lines(root)
-        return found if len(found) >= count else None
-
-    found = await eventually(probe, timeout=timeout, what=f"{count} entries under {root}")
-    assert found is not None
-    return found
+    """Every entry under `root` (the layout's files, nested and compressed) once `count`."""
+    return await lines_reach(root, count, timeout, read=output_lines)
 
 
 async def acked(topo: Topology) -> bool:
