@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
+from aio_pika.abc import AbstractConnection
 
 from services.api.app import create_app
 from services.api.server import uvicorn_config
 from services.api.settings import ApiSettings
 from services.common.http import Server
 from services.common.metrics import new_registry
+from services.common.topology import Topology
 
 
 @asynccontextmanager
@@ -36,3 +39,12 @@ async def serve_api(settings: ApiSettings) -> AsyncIterator[httpx.AsyncClient]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 30)
+
+
+async def post_unroutable(
+    client: httpx.AsyncClient, amqp: AbstractConnection, topo: Topology, body: list[Any]
+) -> httpx.Response:
+    """POST `body` after shard 0's queue was deleted: the broker returns the publish."""
+    async with amqp.channel() as channel:
+        await channel.queue_delete(topo.queue_name(0))
+    return await client.post("/message", json=body)

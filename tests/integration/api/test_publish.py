@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractConnection
 from services.api.settings import ApiSettings
 from services.common.topology import Topology
 from services.common.wire import ACCEPTED_HEADER, parse_accepted
-from tests.support.api import serve_api
+from tests.support.api import post_unroutable, serve_api
 from tests.support.polling import eventually
 from tests.support.queues import depth, drain, drain_entries
 from tests.support.tcp_proxy import TcpProxy
@@ -188,9 +188,7 @@ async def test_unroutable_publish_is_503_not_a_silent_drop(
     topo = topology(shards_count=1)
     async with api(topo) as client:
         await ready(client)
-        async with amqp.channel() as channel:
-            await channel.queue_delete(topo.queue_name(0))
-        response = await client.post("/message", json=[entry(50, "nowhere")])
+        response = await post_unroutable(client, amqp, topo, [entry(50, "nowhere")])
     assert response.status_code == 503
     assert response.json()["reason"] == "returned"
 

@@ -15,6 +15,7 @@ from aio_pika.abc import AbstractConnection
 from services.api.errors import PublishFailed
 from services.common.topology import Topology
 from tests.integration.api.test_publish import ServeApi, api, entry, ready
+from tests.support.api import post_unroutable
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.rabbitmq
@@ -50,9 +51,7 @@ async def test_a_returned_request_counts_once_as_returned(
     topo = topology(shards_count=1)
     async with api(topo) as client:
         await ready(client)
-        async with amqp.channel() as channel:
-            await channel.queue_delete(topo.queue_name(0))
-        response = await client.post("/message", json=[entry(50, "nowhere")])
+        response = await post_unroutable(client, amqp, topo, [entry(50, "nowhere")])
         assert (response.status_code, response.json()["reason"]) == (503, "returned")
         assert await failures(client) == only("returned", 1)
 
