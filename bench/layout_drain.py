@@ -175,7 +175,7 @@ def drain(prefix: str, entries: int, case: Case, out: Path) -> float:
         "HISTORY_LOG_INTERVAL_SECONDS": "0",
     }
     with consumer(env) as proc:
-        return drain_rate(proc, port, entries)
+        return drain_rate(proc, port, entries, out)
 
 
 @contextmanager
@@ -195,18 +195,27 @@ def consumer(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
         proc.wait(30)
 
 
-def drain_rate(proc: subprocess.Popen[bytes], port: int, entries: int) -> float:
-    """Entries/s of the consumer at `port` from ready until it has processed `entries`."""
+def drain_rate(
+    proc: subprocess.Popen[bytes], port: int, entries: int, out: Path | None = None
+) -> float:
+    """Entries/s of the consumer at `port` from ready until it has processed `entries`.
+    With `out` (files), the end is the last rename into it (`bench.consumer_drain.
+    last_on_disk`) and /metrics is read every 0.5 s; without (objects), it is read every
+    0.1 s — each exposition costs the consumer's event loop milliseconds (twenty a second
+    took a fifth of it), so the harness reads it as seldom as its precision allows."""
+    from bench.consumer_drain import POLL_SECONDS, last_on_disk
+
     while _get(port, "/readyz") is None:
         if proc.poll() is not None:
             raise SystemExit("the consumer exited")
         time.sleep(0.005)
-    started = time.monotonic()
+    started = time.time()
     while processed(port) < entries:
         if proc.poll() is not None:
             raise SystemExit("the consumer exited")
-        time.sleep(0.02)
-    return entries / (time.monotonic() - started)
+        time.sleep(POLL_SECONDS if out is not None else 0.1)
+    ended = last_on_disk(out) if out is not None else time.time()
+    return entries / (ended - started)
 
 
 def drain_bare(prefix: str, messages: int, entries: int, batch_size: int) -> float:
