@@ -31,13 +31,12 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aio_pika
 
+from bench.consumer_drain import POLL_SECONDS, last_on_disk, process
 from services.common.wire import PARTS_HEADER
 from services.consumer.encoding import COMPRESSIONS, encode
 from tests.support.net import free_port
@@ -174,25 +173,8 @@ def drain(prefix: str, entries: int, case: Case, out: Path) -> float:
         "LOG_LEVEL": "WARNING",
         "HISTORY_LOG_INTERVAL_SECONDS": "0",
     }
-    with consumer(env) as proc:
+    with process("message-consumer", env) as proc:
         return drain_rate(proc, port, entries, out)
-
-
-@contextmanager
-def consumer(env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    """`async-data-processor message-consumer` with `env`, terminated on exit."""
-    script = Path(sys.executable).parent / "async-data-processor"
-    proc = subprocess.Popen(
-        [str(script), "message-consumer"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def drain_rate(
@@ -203,8 +185,6 @@ def drain_rate(
     last_on_disk`) and /metrics is read every 0.5 s; without (objects), it is read every
     0.1 s — each exposition costs the consumer's event loop milliseconds (twenty a second
     took a fifth of it), so the harness reads it as seldom as its precision allows."""
-    from bench.consumer_drain import POLL_SECONDS, last_on_disk
-
     while _get(port, "/readyz") is None:
         if proc.poll() is not None:
             raise SystemExit("the consumer exited")

@@ -27,11 +27,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.consumer_drain import process
 from bench.layout_drain import (
     RABBITMQ_URL,
     SHARDS,
     _get,
-    consumer,
     delete,
     drain_bare,
     drain_rate,
@@ -82,7 +82,7 @@ def drain(prefix: str, entries: int, batch_size: int, extra: dict[str, str]) -> 
         "HISTORY_LOG_INTERVAL_SECONDS": "0",
         **extra,
     }
-    with consumer(env) as proc:
+    with process("message-consumer", env) as proc:
         rate = drain_rate(proc, port, entries)
         return rate, p99(_get(port, "/metrics") or "")
 
