@@ -11,8 +11,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,26 @@ import pytest
 
 from services.common.schema import Entry
 from services.consumer.batch import Batch
-from services.consumer.group import Abandoned, GroupCommit, SyncMode
+from services.consumer.encoding import json_lines
+from services.consumer.group import Abandoned, GroupCommit, SerialGroups, SyncMode
 from services.consumer.ledger_log import LedgerLog
 from tests.support.consumer import written_lines
 from tests.support.faults import files_limited_to
 from tests.support.ledger import written
 
 MODES: list[SyncMode] = ["group", "file"]
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """Real threads, counting the tasks it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(4)
+        self.submitted = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
 
 
 class SteppedExecutor(Executor):
@@ -40,9 +54,12 @@ class SteppedExecutor(Executor):
         self.tasks.append((future, fn, args))
         return future
 
-    def run(self, when: Callable[[tuple[Any, ...]], bool] = lambda args: True) -> int:
-        """Run the pending tasks whose arguments satisfy `when`; returns how many."""
-        chosen = [task for task in self.tasks if when(task[2])]
+    def run(
+        self, when: Callable[[Callable[..., Any], tuple[Any, ...]], bool] = lambda *_: True
+    ) -> int:
+        """Run the pending tasks whose function and arguments satisfy `when`; returns how
+        many."""
+        chosen = [task for task in self.tasks if when(task[1], task[2])]
         self.tasks = [task for task in self.tasks if task not in chosen]
         for future, fn, args in chosen:
             try:
@@ -50,6 +67,12 @@ class SteppedExecutor(Executor):
             except BaseException as exc:  # noqa: BLE001 - handed to the waiter
                 future.set_exception(exc)
         return len(chosen)
+
+
+def not_a_group(fn: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+    """A task that is no group's step: with SYNC_MODE=file, a file's own write."""
+    serial = isinstance(getattr(fn, "__self__", None), SerialGroups)
+    return not serial and not (args and isinstance(args[0], list))
 
 
 def batch(tag: str, count: int = 2, size: int = 1) -> Batch:
@@ -80,24 +103,27 @@ def log_dir(tmp_path: Path) -> tuple[Path, LedgerLog]:
 async def busy_group(
     group: GroupCommit, executor: SteppedExecutor, tag: str
 ) -> asyncio.Future[None]:
-    """A batch whose rename group is in progress (its step not run yet): it holds a slot."""
+    """A batch whose group is in progress (its step not run yet): with SYNC_MODE=file it
+    holds one of the rename groups' slots; with group, the writer thread has not started,
+    so every batch submitted meanwhile waits for it."""
     done = group.submit(batch(tag), f"{tag}.jsonl")
     for _ in range(4):  # its write (and, per file, its record group) run; the group starts
         await turn()
-        executor.run(lambda args: not (args and isinstance(args[0], list)))
+        executor.run(not_a_group)
     return done
 
 
 async def a_third_group(
     group: GroupCommit, executor: SteppedExecutor, batches: dict[str, Batch]
 ) -> dict[str, asyncio.Future[None]]:
-    """Both group slots (max_groups=2) held by other batches, so these batches' writes
-    finish while they wait, and they form one group together."""
+    """Both group slots (max_groups=2, SYNC_MODE=file) held by other batches, so these
+    batches' writes finish while they wait, and they form one group together (with
+    SYNC_MODE=group, one group with the held ones: the writer thread takes all that wait)."""
     held = [await busy_group(group, executor, "x"), await busy_group(group, executor, "y")]
     futures = {tag: group.submit(b, f"{tag}.jsonl") for tag, b in batches.items()}
     for _ in range(4):
         await turn()
-        executor.run(lambda args: not (args and isinstance(args[0], list)))
+        executor.run(not_a_group)
     assert not any(f.done() for f in futures.values())
     await run_all(executor)  # the held groups end; the waiting batches make one group
     await asyncio.gather(*held)
@@ -114,36 +140,43 @@ async def test_batches_that_come_together_are_made_durable_in_one_group(
     group = GroupCommit(directory, executor, ledger, sync=sync, max_groups=2, on_group=sizes.append)
     futures = await a_third_group(group, executor, {t: batch(t) for t in "abc"})
     await asyncio.gather(*futures.values())
-    assert sizes == [1, 1, 3]
+    assert sizes == ([1, 1, 3] if sync == "file" else [5])
     assert sorted(p.name for p in directory.glob("*.jsonl")) == [f"{t}.jsonl" for t in "abcxy"]
     fresh = LedgerLog(directory, "other")  # another replica reads the records
     fresh.open()
     assert all(written(fresh, f"{t}/0") == [(0, 2)] for t in "abcxy")
 
 
-async def test_with_sync_mode_group_a_group_is_one_step_on_one_thread(
+async def test_with_sync_mode_group_groups_run_back_to_back_on_one_thread(
     log_dir: tuple[Path, LedgerLog],
 ) -> None:
-    """SYNC_MODE=group: the batches that came while a group was in progress are written,
-    recorded, synced and renamed by one executor task (one hand-off per group, files made
-    one after the other), and only one group is in progress at a time by default."""
+    """SYNC_MODE=group: a lone batch's group starts at once; the batches that come while
+    it is in progress are written, recorded, synced and renamed as the next group, which
+    the same writer thread takes as soon as the first ends (one executor task for both:
+    no hand-off through the event loop between groups)."""
     directory, ledger = log_dir
-    executor = SteppedExecutor()
+    executor = CountingExecutor()
     sizes: list[int] = []
-    group = GroupCommit(directory, executor, ledger, on_group=sizes.append)
-    first = group.submit(batch("x"), "x.jsonl")
-    await turn()
-    assert len(executor.tasks) == 1  # the lone batch's group started at once
-    later = [group.submit(batch(t), f"{t}.jsonl") for t in "abcd"]
-    await turn()
-    assert len(executor.tasks) == 1  # they wait for the group in progress
-    assert executor.run() == 1
-    await first
-    await turn()
-    assert len(executor.tasks) == 1  # all four: one task
-    assert executor.run() == 1
-    await asyncio.gather(*later)
+    in_first, go_on = threading.Event(), threading.Event()
+
+    def encode(entries: list[Entry]) -> bytes:  # on the writer thread, inside the group
+        if entries[0]["value"] == "x":
+            in_first.set()
+            go_on.wait(10)
+        return json_lines(entries)
+
+    group = GroupCommit(directory, executor, ledger, encode=encode, on_group=sizes.append)
+    try:
+        first = group.submit(batch("x"), "x.jsonl")
+        assert await asyncio.to_thread(in_first.wait, 10)  # the lone batch's group started
+        later = [group.submit(batch(t), f"{t}.jsonl") for t in "abcd"]
+        go_on.set()
+        await asyncio.wait_for(asyncio.gather(first, *later), 10)
+    finally:
+        go_on.set()
+        executor.shutdown()
     assert sizes == [1, 4]
+    assert executor.submitted == 1
     assert sorted(p.name for p in directory.glob("*.jsonl")) == [f"{t}.jsonl" for t in "abcdx"]
 
 
@@ -180,7 +213,7 @@ async def test_one_file_failing_fails_only_its_own_batch(
     with files_limited_to(10_000):  # only the big file crosses it (written in its group's
         for _ in range(4):  # step with SYNC_MODE=group, on its own thread with file)
             await turn()
-            executor.run(lambda args: not (args and isinstance(args[0], list)))
+            executor.run(not_a_group)
         await run_all(executor)
     await asyncio.gather(*held)
     await asyncio.gather(futures["a"], futures["c"])
@@ -210,7 +243,7 @@ async def test_a_batch_timed_out_inside_a_group_leaves_nothing_and_its_retry_wri
     futures = {t: group.submit(b, f"{t}.jsonl") for t, b in {"a": batch("a"), "t": late}.items()}
     for _ in range(4):
         await turn()
-        executor.run(lambda args: not (args and isinstance(args[0], list)))
+        executor.run(not_a_group)
     assert late.abandon()  # the pool's timeout: not committed yet, so abandoned
     await run_all(executor)
     await asyncio.gather(*held, futures["a"])
@@ -235,6 +268,7 @@ KILLED_CHILD = textwrap.dedent(
     from pathlib import Path
     from services.common.schema import Entry
     from services.consumer.batch import Batch
+    from services.consumer.files import HeldCalls
     from services.consumer.group import GroupCommit
     from services.consumer.ledger_log import LedgerLog
 
@@ -245,7 +279,8 @@ KILLED_CHILD = textwrap.dedent(
     def killed(*args):  # the first rename of the group: the records are durable by now
         os.kill(os.getpid(), signal.SIGKILL)
 
-    os.rename = killed
+    os.rename = killed  # SYNC_MODE=file; group renames through HeldCalls
+    HeldCalls.rename = lambda self, source, target: killed()
 
     async def main():
         group = GroupCommit(directory, ThreadPoolExecutor(8), ledger, sync=sync)
