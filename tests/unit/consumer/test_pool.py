@@ -14,7 +14,7 @@ from services.consumer.acker import Acker
 from services.consumer.batch import Batch, Delivery
 from services.consumer.history import WorkerHistory
 from services.consumer.metrics import ConsumerMetrics
-from services.consumer.pool import Pool
+from services.consumer.pool import BATCHES_PER_STEP, Pool
 from services.consumer.sink import Abandoned
 from tests.support.polling import eventually, holds
 
@@ -263,3 +263,42 @@ async def test_a_fresh_generation_stopped_before_it_ran_puts_its_retry_back() ->
     assert pool.live == 0
     assert pool.queue.pending == 1
     assert [r.stop_reason for r in history.records()] == ["shutdown"]
+
+
+async def test_a_worker_writes_the_batches_waiting_together_up_to_its_step() -> None:
+    """A backlog: the worker takes its batch and up to BATCHES_PER_STEP - 1 more that are
+    already waiting, writes them at once (one group commit), then the rest; each acked once
+    after its own write."""
+    log: list[str] = []
+    pool, _ = make_pool(ScriptedSink(log, [], after=0.05), timeout=5.0)
+    names = [f"m{i}" for i in range(BATCHES_PER_STEP + 2)]
+    for name in names:
+        pool.submit(batch_of(log, name))
+    pool.start()  # one worker (WORKERS_MIN=1)
+    await eventually(holds(lambda: all(f"ack {n}" in log for n in names)), timeout=5.0)
+    await pool.stop()
+    first_done = log.index("write done 0-0")
+    assert log[:first_done].count("write start 0-0") == BATCHES_PER_STEP
+    assert sorted(line for line in log if line.startswith("ack")) == sorted(
+        f"ack {n}" for n in names
+    )
+
+
+async def test_one_batch_of_a_step_timing_out_is_retried_alone_by_a_fresh_generation() -> None:
+    """Three batches written at once; b's write is slower than the timeout: a and c are
+    acked, b is abandoned (its late write makes nothing) and written once by the slot's
+    fresh generation."""
+    log: list[str] = []
+    pool, history = make_pool(ScriptedSink(log, [0.0, 0.6, 0.0]), timeout=0.3)
+    for name in "abc":
+        pool.submit(batch_of(log, name))
+    pool.start()
+    await eventually(holds(lambda: all(f"ack {n}" in log for n in "abc")), timeout=5.0)
+    # b's late write ends meanwhile, and must not commit
+    await eventually(holds(lambda: "write abandoned 0-0" in log), timeout=5.0)
+    await pool.stop()
+    assert sorted(line for line in log if line.startswith("ack")) == ["ack a", "ack b", "ack c"]
+    assert log.count("commit 0-0") == 3  # a, c, then b's retry; the late write none
+    records = [(r.id, r.generation, r.stop_reason, r.entries) for r in history.records()]
+    # a and c by the first generation, b once by the next
+    assert records == [("0-0", 1, "timeout", 4), ("0-0", 2, "shutdown", 2)]
