@@ -60,8 +60,10 @@ class ConsumerService:
         self.metrics = ConsumerMetrics(registry)
         self.history = WorkerHistory(settings.history_limit)
         self.topology = Topology.from_settings(settings)
-        # A writer thread per batch that can be in progress at once (a worker's), plus the
-        # group commits in progress (record and rename groups).
+        # SYNC_MODE=file: a writer thread per worker (its step's batches beyond the first
+        # wait for one: more threads writing one directory at once only contend for its
+        # lock), plus the group commits in progress (record and rename groups);
+        # SYNC_MODE=group uses one of them.
         self._executor = ThreadPoolExecutor(
             max_workers=settings.shards_count * settings.workers_max + 2 * MAX_GROUPS,
             thread_name_prefix="adp-write",

@@ -20,11 +20,30 @@ from tests.support.polling import eventually
 from tests.support.queues import depth
 
 
-async def publish(amqp: AbstractConnection, queue: str, count: int) -> None:
+async def two_shards(
+    amqp: AbstractConnection, topology: Callable[..., Topology], count: int
+) -> Topology:
+    """Two shard queues of `count` one-entry messages each."""
+    topo = topology(shards_count=2)
     async with amqp.channel() as channel:
-        for i in range(count):
-            body = b'[{"timestamp":"2019-10-12T07:20:50Z","value":"%d"}]' % i
-            await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue)
+        await topo.declare(channel)
+        for name in topo.queue_names:
+            for i in range(count):
+                body = b'[{"timestamp":"2019-10-12T07:20:50Z","value":"%d"}]' % i
+                await channel.default_exchange.publish(aio_pika.Message(body), routing_key=name)
+    return topo
+
+
+async def taken_on_own_channels(
+    consumer: AbstractConnection, topo: Topology, count: int
+) -> list[tuple[aio_pika.abc.AbstractChannel, list[Delivery]]]:
+    """`count` deliveries of each shard, on a channel per shard as the consumer has them."""
+    taken = []
+    for name in topo.queue_names:
+        channel = await consumer.channel()
+        queue = await channel.declare_queue(name, passive=True)
+        taken.append((channel, [Delivery.of(m, 1) for m in await take(queue, count)]))
+    return taken
 
 
 async def take(queue: aio_pika.abc.AbstractQueue, count: int) -> list[AbstractIncomingMessage]:
@@ -55,20 +74,12 @@ def count_writes(connection: Any) -> list[bytes]:
 async def test_the_acks_of_one_turn_go_out_in_one_write_and_are_applied(
     amqp: AbstractConnection, rabbitmq_url: str, topology: Callable[..., Topology]
 ) -> None:
-    topo = topology(shards_count=2)
-    async with amqp.channel() as channel:
-        await topo.declare(channel)
-    for name in topo.queue_names:
-        await publish(amqp, name, 3)
+    topo = await two_shards(amqp, topology, 3)
     metrics = ConsumerMetrics(new_registry())
     acked: list[Delivery] = []
     acker = Acker(metrics, on_acked=acked.append)
     async with await aio_pika.connect(rabbitmq_url) as consumer:
-        deliveries = []
-        for name in topo.queue_names:  # a channel per shard, as the consumer has
-            channel = await consumer.channel()
-            queue = await channel.declare_queue(name, passive=True)
-            deliveries += [Delivery.of(m, 1) for m in await take(queue, 3)]
+        deliveries = [d for _, ds in await taken_on_own_channels(consumer, topo, 3) for d in ds]
         raw = deliveries[0].channel
         assert raw is not None
         writes = count_writes(raw.connection)
@@ -84,23 +95,14 @@ async def test_the_acks_of_one_turn_go_out_in_one_write_and_are_applied(
 async def test_a_closed_channels_acks_are_lost_and_its_messages_come_back(
     amqp: AbstractConnection, rabbitmq_url: str, topology: Callable[..., Topology]
 ) -> None:
-    topo = topology(shards_count=2)
-    async with amqp.channel() as channel:
-        await topo.declare(channel)
-    for name in topo.queue_names:
-        await publish(amqp, name, 2)
+    topo = await two_shards(amqp, topology, 2)
     registry = new_registry()
     metrics = ConsumerMetrics(registry)
     acker = Acker(metrics)
     async with await aio_pika.connect(rabbitmq_url) as consumer:
-        channels, deliveries = [], []
-        for name in topo.queue_names:
-            channel = await consumer.channel()
-            channels.append(channel)
-            queue = await channel.declare_queue(name, passive=True)
-            deliveries.append([Delivery.of(m, 1) for m in await take(queue, 2)])
-        await channels[1].close()  # its deliveries can no longer be acked
-        await asyncio.gather(*(acker.ack(d) for d in deliveries[0] + deliveries[1]))
+        (_, open_ones), (closed, closed_ones) = await taken_on_own_channels(consumer, topo, 2)
+        await closed.close()  # its deliveries can no longer be acked
+        await asyncio.gather(*(acker.ack(d) for d in open_ones + closed_ones))
         assert acker.acked == 2
         assert registry.get_sample_value("adp_consumer_acks_lost_total") == 2
 
