@@ -10,8 +10,9 @@ batch:
 - timeout: the worker generation ends ("timeout") once its step's other batches are done,
   and the slot starts a fresh generation whose first job is that batch (nothing of it was
   acked; a second one timed out in the same step goes back to the front of the queue).
-  The late write cannot make a file: the batch is abandoned first. If the write had already committed (it is renaming), the
-  worker waits for it to finish and acks as usual instead;
+  The late write cannot make a file: the batch is abandoned first. If the write had
+  already committed (it is renaming), the worker waits for it to finish and acks as usual
+  instead;
 - write error (OSError: disk full, read-only, permissions): the batch goes back to the
   front of the queue, nothing acked, the pool reports itself unhealthy, the worker pauses
   (capped backoff) and goes on;
