@@ -58,12 +58,15 @@ def fsync_directory(path: Path) -> None:
 # cores: the group's file writes took 2.3 s of a 150,000-entry drain that way, 0.9 s held
 # (bench/consumer_drain.py). The calls that wait for the disk (syncfs, fsync) release it.
 # A volume where these calls are slow (a network file system) would stall the event loop
-# meanwhile: `HeldCalls` times them and falls back to the releasing calls for good once a
-# group's took longer than HOLD_LIMIT_SECONDS each on average.
+# meanwhile: `HeldCalls` times them and falls back to the releasing calls for good once
+# SLOW_GROUPS groups in a row took longer than HOLD_LIMIT_SECONDS per call on average (a
+# slow volume is slow every time; a thread descheduled now and then, as under a container's
+# CPU quota, is not).
 
 _SYNC_FILE_RANGE_WAIT_AFTER = 4
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 HOLD_LIMIT_SECONDS = 0.0005
+SLOW_GROUPS = 8
 
 
 def _libc() -> tuple[ctypes.CDLL, ctypes.PyDLL] | None:
@@ -112,6 +115,7 @@ class HeldCalls:
         self.holding = hold and _LIBS is not None
         self._slow = 0.0  # seconds the held calls of the current group took, and how many
         self._calls = 0
+        self._slow_groups = 0  # groups in a row whose held calls were slow
 
     def write_unflushed(self, path: str, data: bytes) -> int:
         """Create `path` (it must not exist) and write `data`, not synced; returns the open
@@ -165,10 +169,14 @@ class HeldCalls:
                 os.close(fd)
 
     def group_done(self) -> None:
-        """After a group: stop holding for good if its held calls were slow."""
+        """After a group: stop holding for good once the held calls were slow SLOW_GROUPS
+        groups in a row."""
         calls, slow = self._calls, self._slow
         self._calls, self._slow = 0, 0.0
-        if self.holding and calls and slow / calls > HOLD_LIMIT_SECONDS:
+        if not (self.holding and calls):
+            return
+        self._slow_groups = self._slow_groups + 1 if slow / calls > HOLD_LIMIT_SECONDS else 0
+        if self._slow_groups >= SLOW_GROUPS:
             self.holding = False
             log.warning(
                 "file calls on the output volume take %.1f ms each: made releasing the "

@@ -43,16 +43,27 @@ def test_failures_are_the_os_modules_errors_naming_the_path(tmp_path: Path, hold
     assert sorted(p.name for p in tmp_path.iterdir()) == ["there"]
 
 
-def test_calls_slower_than_the_limit_stop_holding_for_good(
+def group(calls: HeldCalls, path: Path) -> None:
+    os.close(calls.write_unflushed(str(path), b"x"))
+    calls.group_done()
+
+
+def test_calls_slow_group_after_group_stop_holding_for_good(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = HeldCalls()
-    os.close(calls.write_unflushed(str(tmp_path / "a"), b"a"))
-    calls.group_done()
+    group(calls, tmp_path / "a")
     assert calls.holding  # a local disk: microseconds
     monkeypatch.setattr(files, "HOLD_LIMIT_SECONDS", 0.0)  # every call is "slow" now
-    os.close(calls.write_unflushed(str(tmp_path / "b"), b"b"))
-    calls.group_done()
+    for n in range(files.SLOW_GROUPS - 1):
+        group(calls, tmp_path / f"slow{n}")
+    monkeypatch.setattr(files, "HOLD_LIMIT_SECONDS", 10.0)  # one fast group: not in a row
+    group(calls, tmp_path / "fast")
+    monkeypatch.setattr(files, "HOLD_LIMIT_SECONDS", 0.0)
+    for n in range(files.SLOW_GROUPS - 1):
+        group(calls, tmp_path / f"again{n}")
+    assert calls.holding
+    group(calls, tmp_path / "last")  # the SLOW_GROUPS-th slow group in a row
     assert not calls.holding
     os.close(calls.write_unflushed(str(tmp_path / "c"), b"c"))  # the releasing calls
     assert (tmp_path / "c").read_bytes() == b"c"
