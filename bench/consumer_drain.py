@@ -128,10 +128,17 @@ def answers(url: str) -> bool:
         return False
 
 
-def output_directory() -> Path:
-    out = Path(tempfile.mkdtemp(prefix="adp-bench-"))
+def output_directory(prefix: str = "adp-bench-") -> Path:
+    """A new output directory, removed by `remove_outputs` once every case has run."""
+    out = Path(tempfile.mkdtemp(prefix=prefix))
     OUTPUTS.append(out)
     return out
+
+
+def remove_outputs() -> None:
+    for out in OUTPUTS:
+        shutil.rmtree(out, ignore_errors=True)
+    OUTPUTS.clear()
 
 
 def last_on_disk(out: Path) -> float:
@@ -423,5 +430,4 @@ if __name__ == "__main__":
     try:
         main()
     finally:
-        for out in OUTPUTS:
-            shutil.rmtree(out, ignore_errors=True)
+        remove_outputs()

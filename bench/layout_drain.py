@@ -13,7 +13,8 @@ Each case runs `--runs` times, interleaved (case by case within a run), and is r
 min/median/max. The entries look like event data (a user, a path, a number, a fraction of a
 second), spread over four UTC hours so the template's cases write several directories; the
 Hive cases run with OUTPUT_PATH_TEMPLATE=date={year}-{month}-{day}/hour={hour}/shard={shard}.
-Queues and files it makes are deleted. Not part of `make test`.
+Queues and files it makes are deleted, the files once every case has run (`bench.disk_limit`
+says why). Not part of `make test`.
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -36,7 +35,13 @@ from pathlib import Path
 
 import aio_pika
 
-from bench.consumer_drain import POLL_SECONDS, last_on_disk, process
+from bench.consumer_drain import (
+    POLL_SECONDS,
+    last_on_disk,
+    output_directory,
+    process,
+    remove_outputs,
+)
 from services.common.wire import PARTS_HEADER
 from services.consumer.encoding import COMPRESSIONS, encode
 from tests.support.net import free_port
@@ -229,7 +234,7 @@ def measure(out: Path) -> tuple[int, int, int]:
 
 def run_case(case: Case, bodies: list[bytes], entries: int, results: Results) -> None:
     prefix = f"adp_bench_{uuid.uuid4().hex[:8]}_"
-    out = Path(tempfile.mkdtemp(prefix="adp-bench-layout-"))
+    out = output_directory("adp-bench-layout-")  # removed at the end (bench.disk_limit)
     try:
         asyncio.run(fill(prefix, bodies))
         results.bares.append(drain_bare(prefix, len(bodies), entries, case.batch_size))
@@ -241,7 +246,6 @@ def run_case(case: Case, bodies: list[bytes], entries: int, results: Results) ->
         results.disk_per_entry.append(blocks / entries)
     finally:
         asyncio.run(delete(prefix))
-        shutil.rmtree(out, ignore_errors=True)
 
 
 def encode_rates(bodies: list[bytes], batch_size: int, runs: int) -> dict[str, list[float]]:
@@ -288,24 +292,27 @@ def main() -> None:
         for mixed in (False, True)
     }
     results = {case: Results() for case in cases}
-    for run in range(args.runs):
-        for case in cases:
-            messages = bodies[case.batch_size, case.interleaved]
-            for attempt in range(3):  # the shared broker may close every connection
-                try:
-                    run_case(case, messages, sizes[case.batch_size], results[case])
-                    break
-                except (
-                    aio_pika.exceptions.AMQPError,
-                    ConnectionError,
-                    subprocess.SubprocessError,
-                    SystemExit,
-                ) as exc:
-                    print(f"run {run + 1} {case.label}: {exc!r}; again", file=sys.stderr)
-                    if attempt == 2:
-                        raise
-            print(f"run {run + 1} {case.label}: {results[case].rates[-1]:,.0f} entries/s",
-                  file=sys.stderr)  # fmt: skip
+    try:
+        for run in range(args.runs):
+            for case in cases:
+                messages = bodies[case.batch_size, case.interleaved]
+                for attempt in range(3):  # the shared broker may close every connection
+                    try:
+                        run_case(case, messages, sizes[case.batch_size], results[case])
+                        break
+                    except (
+                        aio_pika.exceptions.AMQPError,
+                        ConnectionError,
+                        subprocess.SubprocessError,
+                        SystemExit,
+                    ) as exc:
+                        print(f"run {run + 1} {case.label}: {exc!r}; again", file=sys.stderr)
+                        if attempt == 2:
+                            raise
+                print(f"run {run + 1} {case.label}: {results[case].rates[-1]:,.0f} entries/s",
+                      file=sys.stderr)  # fmt: skip
+    finally:
+        remove_outputs()
     plain = uncompressed_per_entry(bodies[5, False])
     print(
         f"{args.per_message} entries per message; min / median / max over {args.runs} runs; "
