@@ -33,6 +33,22 @@ from services.consumer.metrics import ConsumerMetrics
 log = logging.getLogger(__name__)
 
 
+# An ack write that the connection has not taken in this long is given up (counted lost).
+ACK_WRITE_TIMEOUT_SECONDS = 30.0
+
+
+def _closing(channel: AmqpChannel) -> bool:
+    """Closed, or closing: the broker's Channel.Close received (aiormq has queued its
+    CloseOk; a frame sent after it on that channel number is a connection error), or our
+    own close begun. aiormq's `basic_ack` makes the same checks."""
+    event = getattr(channel, "_Channel__close_event", None)
+    return bool(
+        channel.is_closed
+        or channel._close_exception is not None
+        or (event is not None and event.is_set())
+    )
+
+
 class ChannelClosed(ConnectionError):
     def __init__(self, number: int) -> None:
         super().__init__(f"channel {number} closed")
@@ -73,7 +89,9 @@ class Acker:
         await self._ack([delivery])
 
     async def _ack(self, deliveries: list[Delivery]) -> None:
-        """Returns once the acks are written (or known lost); not cancellable."""
+        """Returns once the acks are written or known lost; never raises but for a
+        cancellation (a batch whose acks fail must not be written again: its deliveries are
+        simply not acked, and come back)."""
         turn = self._turn
         if turn is None:
             loop = asyncio.get_running_loop()
@@ -95,22 +113,16 @@ class Acker:
                 else:  # not from aiormq's channel (a test's scripted message): its own ack
                     await self._ack_one(delivery)
             await asyncio.gather(*(self._write(channels) for channels in connections.values()))
-        except Exception as exc:  # a bug: the workers waiting fail with it (and restart)
-            log.exception("acks failed")
-            turn.sent.set_exception(exc)
-        else:
-            turn.sent.set_result(None)
         finally:
-            if not turn.sent.done():  # cancelled (the loop is closing): nobody is acked
-                turn.sent.cancel()
+            turn.sent.set_result(None)
 
     async def _write(self, channels: dict[AmqpChannel, list[Delivery]]) -> None:
-        """One socket write: the acks of one connection's channels (a closed channel's are
-        lost: its deliveries come back)."""
+        """One socket write: the acks of one connection's channels (a closing channel's
+        are lost: its deliveries come back)."""
         frames: list[bytes] = []
         sending: list[Delivery] = []
         for channel, deliveries in channels.items():
-            if channel.is_closed:
+            if _closing(channel):
                 self._lost(ChannelClosed(channel.number), len(deliveries))
                 continue
             for delivery in deliveries:
@@ -125,9 +137,14 @@ class Acker:
         try:
             drained = connection.create_future()  # failed if the connection closes first
             frame = ChannelFrame(payload=b"".join(frames), should_close=False, drain_future=drained)
-            await connection.write_queue.put(frame)
-            await drained
-        except CONNECTIVITY_ERRORS as exc:
+            # Bounded: a connection whose writer stopped with its queue full would never
+            # take the frame, nor fail the future.
+            async with asyncio.timeout(ACK_WRITE_TIMEOUT_SECONDS):
+                await connection.write_queue.put(frame)
+                await drained
+        except Exception as exc:  # noqa: BLE001 - any failure: not acked, they come back
+            if not isinstance(exc, CONNECTIVITY_ERRORS):
+                log.warning("acks failed (%r): not acked, the broker redelivers", exc)
             self._lost(exc, len(sending))
         else:
             for delivery in sending:
@@ -136,7 +153,9 @@ class Acker:
     async def _ack_one(self, delivery: Delivery) -> None:
         try:
             await delivery.message.ack()
-        except CONNECTIVITY_ERRORS as exc:
+        except Exception as exc:  # noqa: BLE001 - as in `_write`
+            if not isinstance(exc, CONNECTIVITY_ERRORS):
+                log.warning("ack failed (%r): not acked, the broker redelivers", exc)
             self._lost(exc)
         else:
             self._done(delivery)

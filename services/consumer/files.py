@@ -133,6 +133,8 @@ class HeldCalls:
         try:
             while data:
                 written: int = held.write(fd, data, len(data))
+                if written == 0:  # (never for a regular file; not to spin if it were)
+                    raise OSError(errno.EIO, os.strerror(errno.EIO), path)
                 if written < 0:
                     if ctypes.get_errno() != errno.EINTR:
                         _raise_errno(path)

@@ -242,7 +242,11 @@ class SerialGroups(Generic[J]):
                 return
             self._running = True
         loop = asyncio.get_running_loop()
-        runner = loop.run_in_executor(self._executor, self._run, loop)
+        try:
+            runner = loop.run_in_executor(self._executor, self._run, loop)
+        except RuntimeError:  # the executor is shut down: nothing more is written
+            self._drop()
+            return
         runner.add_done_callback(self._ended)
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -270,9 +274,12 @@ class SerialGroups(Generic[J]):
 
     def _ended(self, runner: asyncio.Future[None]) -> None:
         """The thread's task ended. Dropped before it ran (the executor shut down, or it was
-        cancelled): the jobs waiting fail as abandoned, none is acked."""
-        if not runner.cancelled():
-            return
+        cancelled), or died of something not an Exception: the jobs waiting fail as
+        abandoned (none is acked), and the next job starts a thread again."""
+        if runner.cancelled() or runner.exception() is not None:
+            self._drop()
+
+    def _drop(self) -> None:
         with self._lock:
             jobs, self._waiting = self._waiting, []
             self._running = False

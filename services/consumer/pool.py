@@ -288,9 +288,13 @@ class Pool:
                 worker.current = []
             # A batch that failed on a bug or timed out is retried (still busy: `_run`
             # hands the retries on); one whose write failed is back in the queue already.
+            # (A `_write` that raised: a bug, or a cancellation that was not the worker's
+            # own — that one `gather` raises.)
             outcomes = list(zip(batches, results, strict=True))
-            retries = [b.retry() for b, r in outcomes if r == "timeout" or isinstance(r, Exception)]
-            bugs = [r for _, r in outcomes if isinstance(r, Exception)]
+            bugs = [r for _, r in outcomes if isinstance(r, BaseException)]
+            retries = [
+                b.retry() for b, r in outcomes if r == "timeout" or isinstance(r, BaseException)
+            ]
             for bug in bugs:
                 log.error(
                     "worker %s failed on a batch; restarting it", worker.record.id, exc_info=bug
@@ -340,7 +344,13 @@ class Pool:
             self._metrics.processed.labels(self._label, record.id).inc(len(written))
             record.entries += len(written)
             record.batches += 1
-        await asyncio.shield(self._acker.batch_written(written))
+        try:
+            await asyncio.shield(self._acker.batch_written(written))
+        except Exception:
+            # Written and durable: never written again (a retry would count its deliveries'
+            # entries twice and could ack one before its other batches are in files). Its
+            # deliveries stay unacked and come back; the ledger leaves out what is written.
+            log.exception("worker %s: the acks of a written batch failed", record.id)
         return "written"
 
     def _timed_out(self, record: WorkerRecord, batch: Batch) -> None:

@@ -197,6 +197,21 @@ async def test_a_group_the_executor_drops_is_abandoned_not_left_waiting(
     assert not list(directory.glob("*.jsonl"))
 
 
+async def test_a_batch_submitted_after_the_executor_shut_down_is_abandoned(
+    log_dir: tuple[Path, LedgerLog],
+) -> None:
+    """The executor refuses the writer thread's task (shut down at the end of a drain):
+    the batch fails as abandoned at once, and a later one is not left waiting either."""
+    directory, ledger = log_dir
+    executor = ThreadPoolExecutor(1)
+    executor.shutdown()
+    group = GroupCommit(directory, executor, ledger)
+    for tag in "ab":
+        with pytest.raises(Abandoned):
+            await asyncio.wait_for(group.submit(batch(tag), f"{tag}.jsonl"), 5)
+    assert not list(directory.glob("*.jsonl"))
+
+
 @pytest.mark.parametrize("sync", MODES)
 async def test_one_file_failing_fails_only_its_own_batch(
     log_dir: tuple[Path, LedgerLog], sync: SyncMode

@@ -302,3 +302,38 @@ async def test_one_batch_of_a_step_timing_out_is_retried_alone_by_a_fresh_genera
     records = [(r.id, r.generation, r.stop_reason, r.entries) for r in history.records()]
     # a and c by the first generation, b once by the next
     assert records == [("0-0", 1, "timeout", 4), ("0-0", 2, "shutdown", 2)]
+
+
+class FailingAckMessage(FakeMessage):
+    async def ack(self, multiple: bool = False) -> None:
+        self.log.append(f"ack failed {self.name}")
+        raise RuntimeError("the ack failed")
+
+
+async def test_a_written_batch_whose_ack_fails_is_not_written_again() -> None:
+    """Delivery d spans batches x and y; x also completes e, whose ack fails. x is not
+    retried (that would count d's entry in x twice and ack d before y is in a file): e
+    stays unacked (the broker redelivers it), d is acked only once y is written."""
+    log: list[str] = []
+    pool, history = make_pool(ScriptedSink(log, []), timeout=5.0)
+    channel = FakeChannel()
+    e_message = FailingAckMessage(log, "e", channel)
+    d_message = FakeMessage(log, "d", channel)
+    e = Delivery(cast(AbstractIncomingMessage, e_message), 1, channel=cast(Any, channel))
+    d = Delivery(cast(AbstractIncomingMessage, d_message), 2, channel=cast(Any, channel))
+    entry = Entry(timestamp="2019-10-12T07:20:50Z", value="v")
+    x, y = Batch(0), Batch(0)
+    x.add(e, [entry])
+    x.add(d, [entry], 0)
+    y.add(d, [entry], 1)
+    pool.start()
+    pool.submit(x)
+    await eventually(holds(lambda: "ack failed e" in log), timeout=5.0)
+    await asyncio.sleep(0.2)  # a retry of x, if there were one, would be written by now
+    assert log.count("write start 0-0") == 1
+    assert "ack d" not in log
+    pool.submit(y)
+    await eventually(holds(lambda: "ack d" in log), timeout=5.0)
+    await pool.stop()
+    assert log.count("write start 0-0") == 2
+    assert [r.stop_reason for r in history.records()] == ["shutdown"]  # never restarted
