@@ -44,9 +44,11 @@ async def post_all(
     *,
     connections: int = 32,
     rate: float | None = None,
+    sent: dict[int, float] | None = None,
 ) -> dict[int, float]:
     """Send requests 0..count-1 (`rate` per second if given, else as fast as the server
-    answers); returns, per request answered 201, the monotonic time of the answer."""
+    answers); returns, per request answered 201, the monotonic time of the answer (and,
+    into `sent` if given, the time each request was sent)."""
     accepted: dict[int, float] = {}
     numbers = iter(range(count))
     started = time.monotonic()
@@ -59,6 +61,8 @@ async def post_all(
                     delay = started + number / rate - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
+                if sent is not None:
+                    sent[number] = time.monotonic()
                 if await _post(reader, writer, body(number)) == 201:
                     accepted[number] = time.monotonic()
         finally:
